@@ -1,0 +1,152 @@
+"""Scale-out: manifests validate, shards partition the catalogue, and shards merge to one index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.discover import Shard, find_audio
+from tests.conftest import ROOT, run_cli, serve_options
+
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+@pytest.mark.parametrize("manifest", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+def test_manifest_validates_against_kubernetes_schema(manifest):
+    from kubernetes_validate import utils
+
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    assert docs
+    for doc in docs:
+        utils.validate(doc, K8S_VERSION, strict=True)
+
+
+def _k8s(kind: str, name: str) -> dict:
+    for path in K8S.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == kind and doc["metadata"]["name"] == name:
+                return doc
+    raise AssertionError(f"no {kind}/{name}")
+
+
+def test_triton_deployment_probes_gpu_and_scrape():
+    dep = _k8s("Deployment", "triton")
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    assert any(a.startswith("--model-repository=") for a in c["args"])
+    hpa = _k8s("HorizontalPodAutoscaler", "triton")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "triton"
+    rules = _k8s("ConfigMap", "prometheus-adapter-triton-rules")["data"]["config.yaml"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric in rules and "nv_inference_queue_duration_us" in rules
+
+
+def test_indexing_job_is_indexed_and_consistent():
+    job = _k8s("Job", "mert-index")["spec"]
+    assert job["completionMode"] == "Indexed"
+    c = job["template"]["spec"]["containers"][0]
+    shards = next(e["value"] for e in c["env"] if e["name"] == "SHARDS")
+    assert int(shards) == job["completions"] == job["parallelism"]
+    cmd = " ".join(c["args"])
+    assert "--shard ${JOB_COMPLETION_INDEX}/${SHARDS}" in cmd
+    assert "/work/shards/shard-${JOB_COMPLETION_INDEX}" in cmd
+    merge = _k8s("Job", "mert-merge")["spec"]["template"]["spec"]["containers"][0]
+    assert "indexer-merge /work/index /work/shards/shard-*" in " ".join(merge["args"])
+
+
+def test_compose_file_has_what_it_needs():
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    triton, client = compose["services"]["triton"], compose["services"]["indexer"]
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    gpu = triton["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert any(v.endswith(":/models:ro") for v in triton["volumes"])
+    assert client["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert client["command"][0] == "indexer-client"
+    assert (ROOT / "deploy" / client["build"]["dockerfile"].split("/")[-1]).exists()
+
+
+def _names(n: int) -> list[str]:
+    return [f"artist_{i % 17}/album_{i % 5}/track_{i:05d}.mp3" for i in range(n)]
+
+
+def test_shards_partition_and_stay_stable():
+    names = _names(2000)
+    shards = [Shard(i, 4) for i in range(4)]
+    parts = [{k for k in names if s.owns(k)} for s in shards]
+    assert set().union(*parts) == set(names)
+    assert sum(len(p) for p in parts) == len(names)  # disjoint
+    assert all(350 < len(p) < 650 for p in parts)  # roughly balanced
+    more = names + [f"new/track_{i}.flac" for i in range(500)]
+    for s, before in zip(shards, parts):
+        after = {k for k in more if s.owns(k)}
+        assert before <= after  # adding files never moves an old one
+
+
+def test_shard_argument_is_checked():
+    from indexer.errors import ConfigError
+
+    assert Shard.parse("2/5") == Shard(2, 5)
+    for bad in ("5/5", "-1/3", "a/b", "3"):
+        with pytest.raises(ConfigError):
+            Shard.parse(bad)
+
+
+def test_find_audio_shards_relative_to_input(tmp_path):
+    for i in range(30):
+        (tmp_path / f"d{i % 3}").mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 3}" / f"t{i}.wav").write_bytes(b"")
+    everything = {c.path for c in find_audio([tmp_path])}
+    split = [{c.path for c in find_audio([tmp_path], Shard(i, 3))} for i in range(3)]
+    assert set().union(*split) == everything and sum(map(len, split)) == 30
+
+
+def test_two_servers_two_shards_merge_equals_one_run(tiny_repo, catalogue, tmp_path):
+    """The README's scaling section, locally: 2 Triton servers, 2 shards, a merge."""
+    from indexer.store import IndexStore
+    from server.launcher import LocalTriton
+
+    folder = str(catalogue[0].parent)
+    with LocalTriton(serve_options(tiny_repo)) as a, LocalTriton(serve_options(tiny_repo)) as b:
+        for i, server in enumerate((a, b)):
+            proc = run_cli("indexer-client", "--server", server.grpc_url, "--input", folder,
+                           "--index", str(tmp_path / f"shard-{i}"), "--shard", f"{i}/2",
+                           "--no-build", "--no-progress")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = run_cli("indexer-merge", str(tmp_path / "merged"),
+                       str(tmp_path / "shard-0"), str(tmp_path / "shard-1"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = run_cli("indexer-client", "--server", a.grpc_url, "--server", b.grpc_url,
+                       "--input", folder, "--index", str(tmp_path / "single"), "--no-progress")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+        def windows(path: Path) -> set[tuple[str, int]]:
+            with IndexStore.open(path, None) as store:
+                return set(store.window_keys())
+
+        merged, single = windows(tmp_path / "merged"), windows(tmp_path / "single")
+        assert merged == single and len(single) > len(catalogue)
+
+        clip = tmp_path / "clip.wav"
+        from client.decode import decode
+        from client.synth import write
+
+        audio = decode(catalogue[2], 24_000)
+        write(clip, audio[5 * 24_000: 12 * 24_000], 24_000)
+        answers = []
+        for index in ("merged", "single"):
+            proc = run_cli("indexer-query", "--server", a.grpc_url, "--index",
+                           str(tmp_path / index), "--json", str(clip))
+            assert proc.returncode == 0, proc.stderr
+            answers.append(json.loads(proc.stdout)[0][0])
+        assert answers[0]["track"] == answers[1]["track"] == str(catalogue[2])
+        assert answers[0]["offset_seconds"] == pytest.approx(answers[1]["offset_seconds"], abs=1e-3)
