@@ -17,42 +17,54 @@ SUFFIX_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"),
 
 
 def music(seconds: float, seed: int, sample_rate: int = 44_100, channels: int = 2) -> np.ndarray:
-    """``[n, channels]`` float32 in [-1, 1]: a seeded, non-stationary piece."""
+    """``[n, channels]`` float32 in [-1, 1]: a seeded, non-stationary piece.
+
+    The piece is a chain of sections (3-8 s) that each change key, timbre,
+    tempo and drum pattern, as real songs move between parts: windows a few
+    seconds apart then differ, which a retrieval test needs to tell offsets apart.
+    """
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
     t = np.arange(n) / sample_rate
     out = np.zeros(n, dtype=np.float64)
-    tempo = rng.uniform(80, 160)
-    beat = 60.0 / tempo
-    root = rng.uniform(110, 330)
     scale = np.array([0, 2, 3, 5, 7, 8, 10, 12, 14, 15])
-    pos = 0.0
-    while pos < seconds:
-        dur = beat * rng.choice([0.5, 1, 1, 2])
-        i0, i1 = int(pos * sample_rate), min(n, int((pos + dur) * sample_rate))
-        if i1 <= i0:
-            break
-        tt = t[i0:i1] - pos
-        env = np.exp(-tt * rng.uniform(1.5, 6)) * np.minimum(1, tt * 200)
-        notes = rng.choice(scale, size=rng.integers(1, 4), replace=False)
-        for step in notes:
-            f = root * 2 ** (step / 12)
-            for h, amp in enumerate(rng.uniform(0.1, 1.0, size=4) / np.arange(1, 5), start=1):
-                out[i0:i1] += 0.2 * amp * env * np.sin(2 * np.pi * f * h * tt + rng.uniform(0, 6))
-        pos += dur
-    # Drums: a kick on each beat, noise hats in a seeded pattern.
-    pattern = rng.random(8) < 0.5
-    for k, b in enumerate(np.arange(0, seconds, beat / 2)):
-        i0 = int(b * sample_rate)
-        m = min(n - i0, int(0.15 * sample_rate))
-        if m <= 0:
-            break
-        tt = np.arange(m) / sample_rate
-        if k % 2 == 0:
-            out[i0:i0 + m] += 0.5 * np.sin(2 * np.pi * 55 * tt * (1 + 2 * np.exp(-tt * 30))) \
-                * np.exp(-tt * 18)
-        if pattern[k % 8]:
-            out[i0:i0 + m] += 0.15 * rng.standard_normal(m) * np.exp(-tt * 60)
+    section_start = 0.0
+    while section_start < seconds:
+        section_end = min(seconds, section_start + rng.uniform(3, 8))
+        beat = 60.0 / rng.uniform(80, 160)
+        root = rng.uniform(80, 400)
+        timbre = rng.uniform(0.05, 1.0, size=6) / np.arange(1, 7) ** rng.uniform(0.3, 1.5)
+        decay = rng.uniform(1.0, 8.0)
+        pos = section_start
+        while pos < section_end:
+            dur = beat * rng.choice([0.5, 1, 1, 2])
+            i0, i1 = int(pos * sample_rate), min(n, int(min(pos + dur, section_end) * sample_rate))
+            if i1 <= i0:
+                break
+            tt = t[i0:i1] - pos
+            env = np.exp(-tt * decay) * np.minimum(1, tt * 200)
+            for step in rng.choice(scale, size=rng.integers(1, 4), replace=False):
+                f = root * 2 ** (step / 12)
+                for h, amp in enumerate(timbre, start=1):
+                    if f * h < sample_rate / 2:
+                        out[i0:i1] += 0.2 * amp * env * np.sin(2 * np.pi * f * h * tt
+                                                               + rng.uniform(0, 6))
+            pos += dur
+        # Drums: kicks and noise hats in this section's own pattern.
+        pattern = rng.random(8) < rng.uniform(0.2, 0.8)
+        kick = rng.uniform(40, 80)
+        for k, b in enumerate(np.arange(section_start, section_end, beat / 2)):
+            i0 = int(b * sample_rate)
+            m = min(n - i0, int(0.15 * sample_rate))
+            if m <= 0:
+                break
+            tt = np.arange(m) / sample_rate
+            if k % 2 == 0:
+                out[i0:i0 + m] += 0.5 * np.sin(2 * np.pi * kick * tt * (1 + 2 * np.exp(-tt * 30))) \
+                    * np.exp(-tt * 18)
+            if pattern[k % 8]:
+                out[i0:i0 + m] += 0.15 * rng.standard_normal(m) * np.exp(-tt * 60)
+        section_start = section_end
     out += 0.003 * rng.standard_normal(n)
     out /= max(1e-9, np.abs(out).max()) / 0.8
     if channels == 1:
