@@ -9,8 +9,11 @@ assembled once per server start, with the stub that matches this Python.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +80,47 @@ def prepare_backends(bundle: TritonBundle, dest: Path) -> Path:
                 stub):
         shutil.copy2(src, python_dir / src.name)
     return dest
+
+
+def python_libdir() -> str | None:
+    """The folder holding this interpreter's ``libpython`` (the stub links against it)."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    libdir = sysconfig.get_config_var("LIBDIR")
+    return libdir if libdir and os.path.isdir(libdir) else None
+
+
+def library_path(bundle: TritonBundle, inherited: str = "") -> str:
+    """``LD_LIBRARY_PATH`` for the server and its stubs: bundled libs, then this Python's."""
+    parts = [str(bundle.libs), python_libdir() or "", inherited]
+    return os.pathsep.join(p for p in parts if p)
+
+
+def missing_libraries(binary: Path, ld_library_path: str) -> list[str]:
+    """Shared libraries ``binary`` cannot find, by ``ldd``; [] when ldd itself is unavailable.
+
+    A stub that cannot load leaves Triton waiting for it until our ready
+    deadline; naming the library before the start is quicker and clearer.
+    """
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
+    try:
+        out = subprocess.run([ldd, str(binary)], check=False, capture_output=True, text=True,
+                             timeout=30,
+                             env={**os.environ, "LD_LIBRARY_PATH": ld_library_path}).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
+
+
+def check_stub_loads(backends: Path, ld_library_path: str) -> None:
+    """Raise :class:`ServerStartError` naming the libraries the prepared stub lacks."""
+    stub = backends / "python" / STUB_NAME
+    missing = missing_libraries(stub, ld_library_path) if stub.is_file() else []
+    if missing:
+        raise ServerStartError(
+            f"the Python backend stub {stub} cannot load {', '.join(missing)} "
+            "(install the shared library, e.g. libpython for this Python version, "
+            "or run indexer-serve from a Python built with --enable-shared)"
+        )

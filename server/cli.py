@@ -1,4 +1,10 @@
-"""``indexer-serve``: serve the model repository with the Triton binary bundled in nvidia-pytriton."""
+"""``indexer-serve``: serve the model repository with the Triton binary bundled in nvidia-pytriton.
+
+Prints one ``ready: ...`` line on stdout once every model is loaded and
+warm, then serves until SIGTERM or Ctrl-C, which stop the server and its
+stubs in order and exit 0. Any failure is one ``indexer-serve: error:``
+line on stderr and exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,14 @@ import sys
 from pathlib import Path
 
 from indexer.errors import IndexerError
-from server.launcher import LocalTriton, ServeOptions
+from server.launcher import LocalTriton, ServeOptions, describe_exit
 
 log = logging.getLogger("indexer-serve")
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM, SIGINT or SIGHUP; a BaseException, so no
+    ``except Exception`` on the way swallows it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,18 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model repository root (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: loopback only; 0.0.0.0 to expose)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=_port, default=8001)
+    p.add_argument("--http-port", type=_port, default=8000)
+    p.add_argument("--metrics-port", type=_port, default=8002)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime device (default: cuda when available)")
     p.add_argument("--ready-timeout", type=float, default=180.0,
-                   help="seconds to wait for the model to load (default: %(default)s)")
-    p.add_argument("--log-file", type=Path, help="write the server log here")
-    p.add_argument("--log-verbose", type=int, default=0)
+                   help="seconds to wait for the models to load and warm up (default: %(default)s)")
+    p.add_argument("--log-file", type=Path, help="write the server log here (default: a temp file, "
+                                                 "kept and named when the server fails)")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument("--backend-directory", type=Path,
+                   help="a prepared Triton backend directory (python/ with libtriton_python.so "
+                        "and the stub) instead of the bundled one")
     p.add_argument("--ssl-cert", type=Path, help="PEM server certificate: serve gRPC over TLS")
     p.add_argument("--ssl-key", type=Path, help="PEM private key for --ssl-cert")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the ready line and errors")
     return p
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.ssl_cert) != bool(args.ssl_key):
         parser.error("--ssl-cert and --ssl-key go together")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.ready_timeout <= 0:
+        parser.error("--ready-timeout must be positive")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
     options = ServeOptions(
         model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port, device=args.device,
         ready_timeout=args.ready_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
-        ssl_cert=args.ssl_cert, ssl_key=args.ssl_key,
+        ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, backend_directory=args.backend_directory,
     )
     server = LocalTriton(options)
 
     def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+        # One stop at a time: later signals wait for the orderly stop (SIGKILL after 20 s).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         server.start()
         for m in server.models:
@@ -66,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  "
               f"metrics {server.metrics_url}", flush=True)
         code = server.wait()
-        if code != 0:
-            print(f"indexer-serve: error: tritonserver exited with code {code}", file=sys.stderr)
-            return 1
-        return 0
-    except KeyboardInterrupt:
-        log.info("stopping")
+        # The server stopped without being asked to.
+        print(f"indexer-serve: error: tritonserver {describe_exit(code)}: "
+              f"{server.log_excerpt()} (full log: {server.log_path})", file=sys.stderr)
+        server.stop(keep_log=True)
+        return 1
+    except _Stop as stop:
+        log.info("%s: stopping the server", stop)
         server.stop()
         return 0
     except IndexerError as exc:

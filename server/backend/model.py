@@ -37,11 +37,16 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get(P_INTRA_OP_THREADS, "0"))
         options.inter_op_num_threads = 1
+        # Spinning threads burn the cores the client decodes audio on, and on shared
+        # cores they slow ONNX Runtime itself (measured: 2 spinning threads ~50
+        # windows/s, without spinning ~75; benchmarks/results/serving.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if params.get(P_PROVIDER) == "cuda":
             device_id = int(args.get("model_instance_device_id", "0"))
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}),
+                         "CPUExecutionProvider"]
         path = params[P_ONNX_PATH]
         if not os.path.exists(path):
             raise pb_utils.TritonModelException(f"model file not found: {path}")
@@ -52,7 +57,7 @@ class TritonPythonModel:
         batches, responses, good = [], [None] * len(requests), []
         for i, request in enumerate(requests):
             audio = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
-            problem = _check(audio, self.window)
+            problem = _check(audio, self.window, self.input_name)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(problem)
@@ -63,7 +68,15 @@ class TritonPythonModel:
         if batches:
             # One session run for every request the batcher merged.
             merged = np.concatenate(batches, axis=0) if len(batches) > 1 else batches[0]
-            out = self.session.run(None, {self.onnx_input: merged})[0].astype(np.float32)
+            try:
+                out = self.session.run(None, {self.onnx_input: merged})[0]
+            except Exception as exc:  # noqa: BLE001 (ORT's own types; answer, don't crash)
+                error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of "
+                                             f"{merged.shape[0]}: {exc}")
+                for i in good:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+                return responses
+            out = np.ascontiguousarray(out, dtype=np.float32)
             row = 0
             for i, audio in zip(good, batches):
                 n = audio.shape[0]
@@ -76,9 +89,10 @@ class TritonPythonModel:
         self.session = None
 
 
-def _check(audio, window):
+def _check(audio, window, name):
+    """Why a request's input is unusable, or "" (Triton has checked dtype and dims already)."""
     if audio.ndim != 2 or audio.shape[1] != window:
-        return f"AUDIO must have shape [batch, {window}], got {list(audio.shape)}"
+        return f"{name} must have shape [batch, {window}], got {list(audio.shape)}"
     if audio.dtype.kind == "f" and not np.isfinite(audio).all():
-        return "AUDIO contains NaN or Inf samples"
+        return f"{name} contains NaN or Inf samples: send finite PCM"
     return ""
