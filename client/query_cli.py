@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="matches per clip (default: %(default)s)")
     p.add_argument("--hop-seconds", type=float, default=DEFAULT_QUERY_HOP_SECONDS,
                    help="hop between the clip's windows (default: %(default)s)")
+    p.add_argument("--min-score", type=_min_score, default=None, metavar="SCORE|off",
+                   help="answer 'no match' below this score (default: the index's documented "
+                        "threshold); 'off' ranks best guesses without a threshold")
     p.add_argument("--json", action="store_true",
                    help="print one JSON array: per clip, its matches best first")
     p.add_argument("clips", nargs="+", type=Path, metavar="CLIP")
@@ -37,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.hop_seconds <= 0:
         parser.error("--hop-seconds must be positive")
     setup_logging(args.verbose)
-    from indexer.search import Searcher
+    from indexer.search import SearchOptions, Searcher
 
+    options = SearchOptions()
+    if args.min_score is not None:
+        options = dataclasses.replace(
+            options, min_score=None if args.min_score == "off" else args.min_score)
     try:
-        searcher = Searcher(args.index)
+        searcher = Searcher(args.index, options=options)
         pool = TritonPool(connect_options(args))
         try:
             contract = pool.connect()
@@ -80,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rank}. {m.track}  at {_clock(m.offset_seconds)}  "
                       f"(offset {m.offset_seconds:.2f} s, score {m.score:.3f})")
     return 1 if failed else 0
+
+
+def _min_score(text: str) -> float | str:
+    if text == "off":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("the score is between 0 and 1")
+    return value
 
 
 def _clock(seconds: float) -> str:

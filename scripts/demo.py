@@ -79,6 +79,12 @@ def main() -> int:
                         suffixes=(".mp3", ".flac", ".ogg", ".wav", ".m4a"))
     index = args.workdir / "index"
 
+    from client.contract import ModelContract, load_config
+
+    contract = ModelContract.from_config(load_config(repo / "mert" / "config.pbtxt"))
+    # Random weights cannot support the no-match threshold: rank best guesses instead.
+    rank = ["--min-score", "off"] if contract.model_id.startswith("random-init") else []
+
     step("starting the local Triton server")
     options = ServeOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
                            metrics_port=free_port(), device="cpu", ready_timeout=300)
@@ -98,9 +104,9 @@ def main() -> int:
                      audio[int(offset * 24_000): int((offset + 8.0) * 24_000)], 24_000)
         step(f"querying an 8 s clip cut from {source} at {offset:.2f} s")
         run([str(BIN / "indexer-query"), "--server", server.grpc_url, "--index", str(index),
-             str(clip)])
+             *rank, str(clip)])
         out = subprocess.run([str(BIN / "indexer-query"), "--server", server.grpc_url,
-                              "--index", str(index), "--json", str(clip)],
+                              "--index", str(index), "--json", *rank, str(clip)],
                              capture_output=True, text=True)
     best = (json.loads(out.stdout)[0] or [None])[0] if out.returncode == 0 else None
     # Offsets are resolved to within one index hop (5 s) at worst; real weights do far better.

@@ -65,3 +65,11 @@ def run_cli(name: str, *args: str, timeout: float = 600, env: dict | None = None
     """Run one of the installed console scripts."""
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def window_set(index: Path) -> list[tuple[str, int]]:
+    """Every committed (track path, window start) of the store at ``index``, sorted."""
+    from indexer.store import IndexStore
+
+    with IndexStore.open(index, None, create=False) as store:
+        return sorted((t.path, int(s)) for t, starts, _ in store.iter_windows() for s in starts)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from client.discover import Shard, find_audio
-from tests.conftest import ROOT, run_cli, serve_options
+from tests.conftest import ROOT, run_cli, serve_options, window_set
 
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.33.0"
@@ -112,7 +112,6 @@ def test_find_audio_shards_relative_to_input(tmp_path):
 
 def test_two_servers_two_shards_merge_equals_one_run(tiny_repo, catalogue, tmp_path):
     """The README's scaling section, locally: 2 Triton servers, 2 shards, a merge."""
-    from indexer.store import IndexStore
     from server.launcher import LocalTriton
 
     folder = str(catalogue[0].parent)
@@ -129,11 +128,7 @@ def test_two_servers_two_shards_merge_equals_one_run(tiny_repo, catalogue, tmp_p
                        "--input", folder, "--index", str(tmp_path / "single"), "--no-progress")
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
-        def windows(path: Path) -> set[tuple[str, int]]:
-            with IndexStore.open(path, None) as store:
-                return set(store.window_keys())
-
-        merged, single = windows(tmp_path / "merged"), windows(tmp_path / "single")
+        merged, single = window_set(tmp_path / "merged"), window_set(tmp_path / "single")
         assert merged == single and len(single) > len(catalogue)
 
         clip = tmp_path / "clip.wav"
@@ -145,7 +140,7 @@ def test_two_servers_two_shards_merge_equals_one_run(tiny_repo, catalogue, tmp_p
         answers = []
         for index in ("merged", "single"):
             proc = run_cli("indexer-query", "--server", a.grpc_url, "--index",
-                           str(tmp_path / index), "--json", str(clip))
+                           str(tmp_path / index), "--json", "--min-score", "off", str(clip))
             assert proc.returncode == 0, proc.stderr
             answers.append(json.loads(proc.stdout)[0][0])
         assert answers[0]["track"] == answers[1]["track"] == str(catalogue[2])

@@ -26,6 +26,12 @@ def built_index(triton, catalogue, tmp_path_factory):
     return index
 
 
+# The tiny random model cannot tell a clip window from windows of other tracks
+# well enough for the no-match threshold (tests/test_search.py tests that on
+# seeded vectors), so these queries rank best guesses without it.
+RANK = ("--min-score", "off")
+
+
 def excerpt(src: Path, start: float, seconds: float, dest: Path) -> Path:
     audio = decode(src, SR)
     return write(dest, audio[int(start * SR): int((start + seconds) * SR)], SR)
@@ -35,7 +41,7 @@ def excerpt(src: Path, start: float, seconds: float, dest: Path) -> Path:
 def test_excerpt_found_with_offset(triton, catalogue, built_index, tmp_path, which, start):
     clip = excerpt(catalogue[which], start, 8.0, tmp_path / "clip.wav")
     proc = run_cli("indexer-query", "--server", triton.grpc_url, "--index", str(built_index),
-                   "--json", str(clip))
+                   "--json", *RANK, str(clip))
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert len(results) == 1 and results[0], proc.stdout
@@ -50,7 +56,7 @@ def test_excerpt_found_with_offset(triton, catalogue, built_index, tmp_path, whi
 def test_json_is_one_entry_per_clip_in_order(triton, catalogue, built_index, tmp_path):
     clips = [excerpt(catalogue[i], 3.0, 6.0, tmp_path / f"c{i}.flac") for i in (4, 1)]
     proc = run_cli("indexer-query", "--server", triton.grpc_url, "--index", str(built_index),
-                   "--json", *map(str, clips))
+                   "--json", *RANK, *map(str, clips))
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert [r[0]["track"] for r in results] == [str(catalogue[4]), str(catalogue[1])]
@@ -67,7 +73,7 @@ def test_rerun_indexes_nothing_new(triton, catalogue, built_index):
 def test_human_output_names_track_and_time(triton, catalogue, built_index, tmp_path):
     clip = excerpt(catalogue[2], 4.0, 6.0, tmp_path / "clip.ogg")
     proc = run_cli("indexer-query", "--server", triton.grpc_url, "--index", str(built_index),
-                   str(clip))
+                   *RANK, str(clip))
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[1]
     assert first.startswith("  1. " + str(catalogue[2]) + "  at 0:0")

@@ -1,0 +1,263 @@
+"""Answer "which track, and where in it, does this clip come from?".
+
+The catalogue is indexed with hop = window (5 s) plus a last window aligned to
+the track's end; a clip is windowed with a dense hop (e.g. 0.5 s). So, whatever
+the clip's offset, every indexed window lying inside the clip has one clip
+window within half a hop of it -- a near-duplicate of it -- while the other
+clip windows only partly overlap indexed windows. The search is built on that:
+
+1. each clip window asks for its ``k`` nearest indexed windows (cosine around
+   the catalogue mean, see :mod:`indexer.faiss_index`);
+2. a hit's *evidence* is how far its similarity stands above a background, on
+   the way to 1: ``e = (sim - b) / (1 - b)``, clipped to [0, 1]. The background
+   ``b`` of a clip window is the higher of (a) the best similarity of its 3rd
+   most similar distinct track -- what mere resemblance reaches where the clip
+   is -- and (b) the catalogue's no-match floor, measured at build time: the
+   95th percentile, over indexed windows, of the best similarity to another
+   track. Relative, so it means the same whether raw cosines sit near 0.3
+   (a trained model) or all above 0.95 (an untrained one), and whatever the
+   catalogue's size and density; the 3rd track, not the 2nd, so that a track
+   indexed twice (two encodings) still matches;
+3. every hit proposes a hypothesis (track, offset = hit start - clip window
+   start); the strongest of the ``candidates`` most promising tracks are
+   checked, up to ``offsets_per_track`` offsets half a window apart each;
+4. a hypothesis is verified exactly: the clip windows against the track's
+   windows around that offset. The best-aligned pair fixes the offset, refined
+   to a fraction of a hop by a parabola through the neighbouring clip windows;
+   the score is the mean evidence of the *aligned pairs* -- each indexed window
+   the clip contains, with its nearest clip window. Near-duplicates count;
+   partial overlaps and runs of overlapping clip windows that fall on one
+   random window do not add up.
+
+No match (empty list) when the best score is below ``min_score`` = 0.6.
+Measured on seeded synthetic catalogues, 10 s clips, 100 excerpts per noise
+level and 100 clips of un-indexed tracks each (``benchmarks/results/
+index_bench.md``, "no-match calibration"; ``tests/test_search.py``):
+
+    catalogue                  excerpts found (min score)        un-indexed
+                               exact      re-encoded (n=0.1)    max score
+    D=32, 6 tracks             1.0 (0.98) 1.0 (0.93)             0.59
+    D=32, 200 tracks           1.0 (0.89) 1.0 (0.65)             0.51
+    D=768, 200 tracks          1.0 (0.97) 1.0 (0.93)             0.37
+    D=768, 2,359 tracks, IVF   1.0 (0.97) 1.0 (0.93)             0.17
+
+No false match in any of them. The threshold can only separate what the model
+separates: with the project's tiny random-init test model, on a 29-window
+catalogue, 8 s excerpts and clips of other tracks score alike (its windows
+0.25 s apart are less alike than windows of different tracks), so there about
+half of random excerpts get no match; ``min_score=None`` ranks without the
+floor and the threshold (best guesses, the right track first in the end-to-end
+tests' three excerpts), at the price of answering for unknown clips too. A clip
+needs window + hop seconds
+(5.5 s) to contain an indexed window whatever its offset; shorter ones are
+scored by their best pair alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from indexer.errors import QueryError
+from indexer.faiss_index import INDEX_DIR, LoadedIndex, track_rank_similarity
+from indexer.store import SEGMENTS_DIR
+
+DEFAULT_MIN_SCORE = 0.6
+
+
+@dataclass(frozen=True)
+class Match:
+    """A track the clip comes from, where in it the clip starts, and how sure."""
+
+    track: str
+    offset_seconds: float
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    k: int = 32  # neighbours per clip window
+    background_rank: int = 3  # the background is this most similar distinct track
+    candidates: int = 10  # tracks whose hypotheses are verified
+    offsets_per_track: int = 3  # distinct offsets verified per track
+    # None: rank only -- no no-match floor, no threshold: best guesses for any clip
+    min_score: float | None = DEFAULT_MIN_SCORE
+
+
+class Searcher:
+    """Loads the built index of ``index_dir`` once and answers queries. Not thread-safe.
+
+    Raises :class:`indexer.errors.StoreError` when no index has been built.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        *,
+        options: SearchOptions = SearchOptions(),
+        use_gpu: bool | None = None,
+    ) -> None:
+        root = Path(index_dir)
+        self.index_dir = root
+        self.options = options
+        self._index = LoadedIndex(root / INDEX_DIR, root / SEGMENTS_DIR, use_gpu=use_gpu)
+        self.identity: dict[str, Any] = self._index.identity
+        self.info: dict[str, Any] = self._index.info
+        self._window_seconds = int(self.identity["window_samples"]) / int(
+            self.identity["sample_rate"]
+        )
+
+    def search(
+        self, embeddings: np.ndarray, clip_starts: np.ndarray, *, top: int = 5
+    ) -> list[Match]:
+        """Best ``top`` tracks for a clip's window embeddings, or ``[]`` for no match.
+
+        ``clip_starts``: seconds where each window starts within the clip.
+        """
+        emb, starts = self._check(embeddings, clip_starts)
+        opts = self.options
+        if self._index.ntotal == 0:
+            return []
+        q = self._index.prepare(emb)
+        sims, ids = self._index.knn(emb, max(2, min(opts.k, self._index.ntotal)))
+        runs = np.full(ids.shape, -1, np.int64)
+        runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
+        background = self._background(sims, runs)
+        scale = np.maximum(1.0 - background, 1e-6)
+        evidence = np.where(
+            runs >= 0, np.clip((sims - background[:, None]) / scale[:, None], 0, 1), 0
+        )
+
+        j, col = np.nonzero(evidence > 0)
+        if len(j) == 0:
+            return []
+        e, run = evidence[j, col], runs[j, col]
+        offsets = self._index.start_seconds(ids[j, col])[1] - starts[j]
+        # Hypotheses: the strongest hits of the most promising tracks, one per offset.
+        by_track: dict[int, list[int]] = {}
+        for h in np.argsort(-e, kind="stable"):
+            by_track.setdefault(int(run[h]), []).append(int(h))
+        results: list[Match] = []
+        for r in list(by_track)[: opts.candidates]:
+            tried: list[float] = []
+            best = (-1.0, 0.0)
+            for h in by_track[r]:
+                if len(tried) == opts.offsets_per_track:
+                    break
+                if any(abs(offsets[h] - o) <= self._window_seconds / 2 for o in tried):
+                    continue
+                tried.append(float(offsets[h]))
+                best = max(best, self._verify(q, starts, background, scale, r, float(offsets[h])))
+            if opts.min_score is None or best[0] >= opts.min_score:
+                results.append(Match(self._index.paths[r], max(0.0, best[1]), round(best[0], 4)))
+        results.sort(key=lambda m: -m.score)
+        return results[:top]
+
+    def _background(self, sims: np.ndarray, runs: np.ndarray) -> np.ndarray:
+        """Per clip window: the best similarity of its ``background_rank``-th most similar track.
+
+        What mere resemblance reaches (same style, same instrument), measured
+        where the clip is; a copy of the clip stands far above it. Fewer distinct
+        tracks among the neighbours: the last neighbour's similarity, a higher,
+        hence stricter, background.
+        """
+        local = track_rank_similarity(sims, runs, self.options.background_rank)
+        floor = self.info["params"].get("null_similarity")
+        if floor is None or self.options.min_score is None:
+            return local
+        return np.maximum(local, floor)
+
+    def _verify(
+        self,
+        q: np.ndarray,
+        starts: np.ndarray,
+        background: np.ndarray,
+        scale: np.ndarray,
+        run: int,
+        offset: float,
+    ) -> tuple[float, float]:
+        """(score, refined offset) of the hypothesis "the clip is track ``run`` from ``offset``".
+
+        Every clip window is compared exactly with the track's windows around
+        where the hypothesis puts it. The offset is re-read from the best-aligned
+        pair, to a fraction of a hop (parabola through the neighbouring clip
+        windows); the score is the mean evidence of the aligned pairs: each
+        indexed window within half a hop of a clip window, with that window.
+        """
+        w = self._window_seconds
+        ids, track_starts = self._index.track_windows(run)
+        near = (track_starts >= offset + starts.min() - w) & (
+            track_starts <= offset + starts.max() + w
+        )
+        ids, track_starts = ids[near], track_starts[near]
+        sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
+        delta = track_starts[None, :] - (offset + starts[:, None])
+        aligned = np.where(np.abs(delta) <= w / 2, sims, -np.inf)
+        jp, ip = np.unravel_index(int(np.argmax(aligned)), aligned.shape)
+        offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
+        # Aligned pairs: each indexed window the clip contains, with its nearest clip window.
+        gap = np.abs(offset + starts[:, None] - track_starts[None, :])  # [clip, track] windows
+        pair_j = np.argmin(gap, axis=0)
+        inside = np.flatnonzero(
+            gap[pair_j, np.arange(len(track_starts))] <= self._hop(starts) / 2 + 1e-6
+        )
+        if len(inside) == 0:  # a clip shorter than window + hop: the best pair stands alone
+            inside = np.array([ip])
+        pair_j = pair_j[inside]
+        got = sims[pair_j, inside]
+        evidence = np.clip((got - background[pair_j]) / scale[pair_j], 0.0, 1.0)
+        return float(np.mean(evidence)), offset
+
+    @staticmethod
+    def _hop(starts: np.ndarray) -> float:
+        steps = np.diff(np.unique(starts))
+        return float(np.median(steps)) if len(steps) else 0.0
+
+    def _peak_time(self, starts: np.ndarray, curve: np.ndarray, jp: int) -> float:
+        """Clip time where ``curve`` (similarity to one indexed window) peaks, sub-hop."""
+        near = np.flatnonzero(np.abs(starts - starts[jp]) <= self._window_seconds / 2)
+        near = near[np.argsort(starts[near], kind="stable")]
+        t, y = starts[near], curve[near]
+        i = int(np.argmax(y))
+        best = float(t[i])
+        if 0 < i < len(t) - 1 and np.isclose(t[i] - t[i - 1], t[i + 1] - t[i]):
+            denom = y[i - 1] - 2 * y[i] + y[i + 1]
+            if denom < 0:
+                best += float(np.clip(0.5 * (y[i - 1] - y[i + 1]) / denom, -0.5, 0.5)) * (
+                    t[i + 1] - t[i]
+                )
+        return best
+
+    def _check(
+        self, embeddings: np.ndarray, clip_starts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        emb = np.asarray(embeddings, np.float32)
+        starts = np.asarray(clip_starts, np.float64)
+        dim = int(self.info["dim"])
+        if emb.ndim != 2 or emb.shape[1] != dim or len(emb) == 0:
+            raise QueryError(
+                f"clip embeddings of shape {emb.shape}; this index expects [m >= 1, {dim}]"
+            )
+        if starts.shape != (len(emb),):
+            raise QueryError(f"{len(emb)} clip windows but {starts.size} start times")
+        if not (np.isfinite(emb).all() and np.isfinite(starts).all()):
+            raise QueryError("clip embeddings or start times contain NaN or Inf")
+        return emb, starts
+
+    def close(self) -> None:
+        self._index.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

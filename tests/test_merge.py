@@ -1,0 +1,88 @@
+"""Merging shard stores: equal to one store built from all files; mixed models refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.cli import merge_main
+from indexer.errors import ModelMismatchError
+from indexer.merge import merge_stores
+from indexer.search import Searcher
+from indexer.store import IndexStore
+from indexer.synthetic import clip_starts
+from tests.test_store import EMB, IDENTITY, contents, index_files, make_files, track_no
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> tuple[list[str], Path, Path]:
+    files = make_files(tmp_path / "music", 8)
+    copy = tmp_path / "music" / "track08.mp3"  # the same bytes as track02, in the other shard
+    copy.write_bytes(Path(files[2]).read_bytes())
+    files.append(str(copy))
+    a, b = tmp_path / "shard0", tmp_path / "shard1"
+    with IndexStore.open(a, IDENTITY, create=True) as store:
+        index_files(store, files[:4])
+        store.record_failure(str(tmp_path / "music" / "bad.mp3"), "cannot decode")
+        store.commit()
+    with IndexStore.open(b, IDENTITY, create=True) as store:
+        index_files(store, files[4:])
+    return files, a, b
+
+
+def test_merge_equals_one_store_built_from_all(shards, tmp_path: Path) -> None:
+    files, a, b = shards
+    result = merge_stores([a, b], tmp_path / "merged")
+    assert result["tracks_added"] == 8 and result["duplicates"] == 1 and result["failures"] == 1
+    assert result["index"]["n_vectors"] == result["stats"]["windows"]
+
+    with IndexStore.open(tmp_path / "single", IDENTITY, create=True) as single:
+        index_files(single, files)
+        single.record_failure(str(tmp_path / "music" / "bad.mp3"), "cannot decode")
+        single.commit()
+        single.build_index()
+        want, want_dups = contents(single), single.duplicates()
+    with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
+        assert contents(merged) == want
+        assert merged.duplicates() == want_dups
+        assert merged.failures() == {str(tmp_path / "music" / "bad.mp3"): "cannot decode"}
+        assert merged.stats()["dead_windows"] == 0
+
+    cs = clip_starts(10.0)
+    t = track_no(files[5])
+    clip = EMB.windows(t, 4.2 + cs, track_seconds=20.0 + 3.3 * t, noise=0.05)
+    with Searcher(tmp_path / "merged") as m, Searcher(tmp_path / "single") as s:
+        got, expected = m.search(clip, cs), s.search(clip, cs)
+    assert [x.track for x in got] == [x.track for x in expected] == [files[5]]
+    assert got[0].offset_seconds == pytest.approx(expected[0].offset_seconds, abs=1e-6)
+
+    again = merge_stores([a, b], tmp_path / "merged")  # a rerun changes nothing
+    assert (
+        again["tracks_added"] == 0 and again["tracks_already_present"] == 9
+    )  # 8 tracks + the copy
+    with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
+        assert contents(merged) == want
+
+
+def test_merge_refuses_mixed_models(shards, tmp_path: Path) -> None:
+    _, a, _ = shards
+    other = tmp_path / "other"
+    with IndexStore.open(other, IDENTITY | {"weights_sha256": "1" * 64}, create=True) as store:
+        index_files(store, make_files(tmp_path / "more", 1, start=20))
+    with pytest.raises(ModelMismatchError, match=r"other: built by another model .*weights_sha256"):
+        merge_stores([a, other], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_cli(shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, a, b = shards
+    assert merge_main([str(tmp_path / "merged"), str(a), str(b), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tracks_added"] == 8 and summary["index"]["kind"] == "exact"
+    assert merge_main([str(tmp_path / "m2"), str(a), str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("indexer-merge: error: ") and "missing" in err[0]
+    assert np.isfinite(Searcher(tmp_path / "merged").info["params"]["null_similarity"])

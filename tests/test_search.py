@@ -1,0 +1,156 @@
+"""Query voting: the right track and offset from noisy sub-windows, no match for the unknown.
+
+Two synthetic regimes (``indexer.synthetic``): well-separated, trained-model-like
+vectors, and untrained-model-like ones where every cosine between unrelated
+windows lies in 0.95-0.995 (a common offset vector plus small per-window parts).
+Clips are windowed as the client windows them: 10 s, 0.5 s hop, 11 windows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.errors import QueryError
+from indexer.faiss_index import IndexOptions
+from indexer.search import Match, Searcher, SearchOptions
+from indexer.store import IndexStore, PendingFile
+from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track
+
+SR = 100
+DIM = 32
+IDENTITY = {
+    "model_id": "synthetic",
+    "weights_sha256": "0" * 64,
+    "layers": [6],
+    "pooling": "mean",
+    "window_samples": 5 * SR,
+    "sample_rate": SR,
+    "embedding_dim": DIM,
+    "hop_samples": 5 * SR,
+}
+N_TRACKS = 20
+CLIP = clip_starts(10.0, 0.5)  # 0, 0.5, ..., 5.0
+
+
+def seconds_of(track: int) -> float:
+    return 40.0 + 7.3 * track
+
+
+def build(root: Path, emb: SyntheticEmbedder, n_tracks: int, **options: object) -> None:
+    with IndexStore.open(root, IDENTITY, create=True) as store:
+        for t in range(n_tracks):
+            n, starts, x = indexed_track(emb, t, seconds_of(t), SR)
+            store.add_track(
+                PendingFile(f"track{t}.mp3", f"h{t}", 1, 1),
+                n_samples=n,
+                sample_rate=SR,
+                starts=starts,
+                embeddings=x,
+            )
+        store.commit()
+        store.build_index(options=IndexOptions(**options))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=[0.0, 8.0], ids=["separated", "untrained-like"])
+def indexed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=11, offset=request.param)
+    root = tmp_path_factory.mktemp("idx")
+    build(root, emb, N_TRACKS)
+    if request.param:
+        x = emb.windows(0, np.arange(0, 60, 5.0), track_seconds=60)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        cos = x @ emb.windows(1, np.arange(0, 60, 5.0), track_seconds=60).T
+        cos /= np.linalg.norm(emb.windows(1, np.arange(0, 60, 5.0), track_seconds=60), axis=1)
+        assert cos.min() > 0.95  # the regime we mean to mimic
+    with Searcher(root) as searcher:
+        yield emb, searcher
+
+
+def test_finds_track_and_offset_from_noisy_sub_windows(indexed) -> None:
+    emb, searcher = indexed
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        t = int(rng.integers(N_TRACKS))
+        at = float(rng.uniform(0, seconds_of(t) - 10.0))
+        clip = emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.05, noise_seed=i)
+        matches = searcher.search(clip, CLIP, top=3)
+        assert matches, f"clip {i} of track{t} at {at:.2f} s: no match"
+        assert matches[0].track == f"track{t}.mp3"
+        assert abs(matches[0].offset_seconds - at) <= 0.5, (at, matches[0])  # within one hop
+        assert all(a.score >= b.score for a, b in itertools.pairwise(matches))
+
+
+def test_no_match_for_unindexed_tracks(indexed) -> None:
+    emb, searcher = indexed
+    for i in range(30):
+        t = 1000 + i  # never indexed
+        clip = emb.windows(t, 17.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i)
+        assert searcher.search(clip, CLIP) == [], f"unindexed clip {i} matched"
+
+
+def test_track_indexed_twice_matches_both_copies(tmp_path: Path) -> None:
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5)
+    with IndexStore.open(tmp_path, IDENTITY, create=True) as store:
+        for t in range(8):
+            n, starts, x = indexed_track(emb, t, 60.0, SR)
+            store.add_track(
+                PendingFile(f"track{t}.mp3", f"h{t}", 1, 1),
+                n_samples=n,
+                sample_rate=SR,
+                starts=starts,
+                embeddings=x,
+            )
+        n, starts, x = indexed_track(emb, 3, 60.0, SR)  # the same music, another encoding
+        store.add_track(
+            PendingFile("copy-of-3.ogg", "other-bytes", 1, 1),
+            n_samples=n,
+            sample_rate=SR,
+            starts=starts,
+            embeddings=x + 0.01,
+        )
+        store.commit()
+        store.build_index()
+    with Searcher(tmp_path) as searcher:
+        matches = searcher.search(emb.windows(3, 22.0 + CLIP, track_seconds=60.0), CLIP)
+    assert {m.track for m in matches[:2]} == {"track3.mp3", "copy-of-3.ogg"}
+    assert all(abs(m.offset_seconds - 22.0) <= 0.5 for m in matches[:2])
+
+
+def test_compressed_index_search(tmp_path: Path) -> None:
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=13, offset=8.0)
+    build(tmp_path, emb, 60, exact_max=1000, nlist=32)
+    rng = np.random.default_rng(2)
+    with Searcher(tmp_path) as searcher:
+        assert searcher.info["kind"] == "ivfpq"
+        for i in range(10):
+            t = int(rng.integers(60))
+            at = float(rng.uniform(0, seconds_of(t) - 10.0))
+            m = searcher.search(
+                emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.05), CLIP
+            )
+            assert m and m[0].track == f"track{t}.mp3" and abs(m[0].offset_seconds - at) <= 0.5
+
+
+def test_bad_queries_are_refused(indexed) -> None:
+    _, searcher = indexed
+    with pytest.raises(QueryError, match="expects"):
+        searcher.search(np.zeros((3, DIM + 1), np.float32), np.arange(3.0))
+    with pytest.raises(QueryError, match="start times"):
+        searcher.search(np.zeros((3, DIM), np.float32), np.arange(2.0))
+    with pytest.raises(QueryError, match="NaN"):
+        searcher.search(np.full((1, DIM), np.nan, np.float32), np.zeros(1))
+    assert searcher.identity == IDENTITY
+    assert Match("a", 1.0, 0.5) == Match("a", 1.0, 0.5)
+
+
+def test_rank_only_mode_answers_every_clip(indexed) -> None:
+    emb, searcher = indexed
+    clip = emb.windows(4242, 17.0 + CLIP, track_seconds=60, noise=0.05)
+    assert searcher.search(clip, CLIP) == []
+    rank_only = Searcher(searcher.index_dir, options=SearchOptions(min_score=None))
+    guesses = rank_only.search(clip, CLIP, top=3)
+    assert guesses and all(m.track.startswith("track") for m in guesses)
