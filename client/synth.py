@@ -82,7 +82,12 @@ def write(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
         import soundfile as sf
 
         fmt, subtype = SUFFIX_FORMATS[suffix]
-        sf.write(str(path), audio, sample_rate, format=fmt, subtype=subtype)
+        channels = audio.shape[1] if audio.ndim == 2 else 1
+        # In blocks: one long write of Ogg/Vorbis crashes libsndfile 1.2.2.
+        with sf.SoundFile(str(path), "w", sample_rate, channels, format=fmt,
+                          subtype=subtype) as fh:
+            for i in range(0, len(audio), sample_rate):
+                fh.write(audio[i:i + sample_rate])
         return path
     if suffix in (".m4a", ".aac", ".mp4"):
         _write_pyav(path, audio, sample_rate, "aac")

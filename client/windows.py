@@ -60,31 +60,50 @@ class StreamWindower:
 
     def run(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
         window, hop = self.window, self.hop
-        buf = np.zeros(0, dtype=np.float32)
-        buf_start = 0  # absolute sample index of buf[0]
+        parts: list[np.ndarray] = []  # held samples, joined only when a window is complete
+        held = 0
+        buf_start = 0  # absolute index of the first held sample
         next_start = 0  # next regular window start
         last_emitted = -1
         for block in blocks:
-            buf = np.concatenate([buf, block]) if len(buf) else np.asarray(block)
+            if not len(block):
+                continue
+            parts.append(block)
+            held += len(block)
             self.n_samples += len(block)
-            while next_start + window <= buf_start + len(buf):
+            if next_start + window > buf_start + held:
+                continue
+            buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            while next_start + window <= buf_start + held:
                 off = next_start - buf_start
                 yield next_start, buf[off : off + window].copy()
                 last_emitted = next_start
                 next_start += hop
-            # Keep only what a later window (or the end-aligned one) can still need.
+            # Keep only what a later window (or the end-aligned one) can still need:
+            # at most the last ``window`` samples.
             keep_from = min(next_start, max(0, self.n_samples - window))
             if keep_from > buf_start:
                 buf = buf[keep_from - buf_start :]
+                held -= keep_from - buf_start
                 buf_start = keep_from
+            parts = [buf] if held else []
         end_start = self.n_samples - window
         if end_start >= 0 and end_start != last_emitted:
+            buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
             off = end_start - buf_start
             yield end_start, buf[off : off + window].copy()
 
 
-def to_wire(windows: np.ndarray, dtype: str) -> np.ndarray:
-    """Float windows in [-1, 1] to the served input dtype (int16 halves the bytes)."""
+def to_wire(samples: np.ndarray, dtype: str) -> np.ndarray:
+    """Float samples in [-1, 1] to the served input dtype (int16 halves the bytes).
+
+    Works on any shape: the pipeline converts whole decoded blocks, once per
+    sample, before windowing (with overlapping hops a window-wise conversion
+    would convert samples twice).
+    """
     if dtype == "int16":
-        return np.clip(np.rint(windows * 32767.0), -32768, 32767).astype(np.int16)
-    return windows.astype(dtype, copy=False)
+        scaled = np.multiply(samples, np.float32(32767.0), dtype=np.float32)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, -32768, 32767, out=scaled)
+        return scaled.astype(np.int16)
+    return samples.astype(dtype, copy=False)
