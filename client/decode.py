@@ -81,6 +81,8 @@ def check_readable(path: str | Path) -> None:
         raise DecodeError(path, "not a regular file (a device, pipe or socket)")
     if not os.access(path, os.R_OK):
         raise DecodeError(path, "permission denied")
+    if st.st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
 
 
 def _any_blocks(path: Path, sample_rate: int, fallback: Fallback | None

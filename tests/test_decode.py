@@ -75,7 +75,7 @@ def test_blocks_are_bounded(tmp_path):
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "not a readable audio file"),
+    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
     (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not a readable audio file"),
     (lambda p: p.write_text("hello, I am text\n" * 50), "not a readable audio file"),
     (lambda p: p.mkdir(), "is a directory"),

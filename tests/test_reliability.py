@@ -50,7 +50,7 @@ def _png(path: Path) -> Path:
 
 # name -> (maker, expected: "indexed" or a substring of the reported reason)
 BAD_INPUTS = {
-    "zero_bytes.mp3": (lambda p: p.write_bytes(b"") or p, "not a readable audio file"),
+    "zero_bytes.mp3": (lambda p: p.write_bytes(b"") or p, "empty file (0 bytes)"),
     "empty.wav": (lambda p: write(p, np.zeros((0, 2), np.float32), SR), "shorter than one window"),
     "truncated.mp3": (lambda p: _truncate(write(p, music(20, 11, SR), SR)), "truncated"),
     "truncated.flac": (lambda p: _truncate(write(p, music(20, 12, SR), SR)), "mid-stream"),
