@@ -1,0 +1,91 @@
+"""Calibration windows for static INT8: from a folder of audio files, or a documented synthetic default.
+
+Files are decoded with soundfile (libsndfile: wav, flac, ogg, mp3), averaged
+to mono and resampled with soxr, the same rules the client uses, then cut into
+full windows spread over the files. A file that cannot be decoded is skipped
+and named in the log; a folder that yields no window is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export import synth
+from indexer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus"}
+# The synthetic calibration set uses its own seed so that it never equals the
+# validation set (which would flatter the INT8 gate).
+CALIBRATION_SEED_OFFSET = 7919
+
+
+def calibration_windows(
+    folder: Path | None, count: int, window_samples: int, sample_rate: int, seed: int
+) -> np.ndarray:
+    """``[n <= count, window_samples]`` float32 in [-1, 1]."""
+    if folder is None:
+        log.info(
+            "calibrating INT8 on %d synthetic music-like windows (no --calibration given)", count
+        )
+        return synth.windows(count, window_samples, sample_rate, seed + CALIBRATION_SEED_OFFSET)
+    return folder_windows(folder, count, window_samples, sample_rate)
+
+
+def folder_windows(folder: Path, count: int, window_samples: int, sample_rate: int) -> np.ndarray:
+    """Up to ``count`` windows, taken evenly from every decodable file under ``folder``."""
+    if not folder.is_dir():
+        raise ConfigError(f"--calibration {folder}: not a folder")
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+    )
+    if not files:
+        raise ConfigError(
+            f"--calibration {folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})"
+        )
+    per_file = max(1, -(-count // len(files)))
+    picked: list[np.ndarray] = []
+    skipped = 0
+    for path in files:
+        try:
+            audio = decode_mono(path, sample_rate)
+        except (
+            RuntimeError,
+            ValueError,
+            OSError,
+        ) as exc:  # soundfile.LibsndfileError is a RuntimeError
+            skipped += 1
+            log.warning("calibration: skipping %s: %s", path, exc)
+            continue
+        available = len(audio) // window_samples
+        if available == 0:
+            continue
+        starts = np.linspace(0, len(audio) - window_samples, num=min(per_file, available)).astype(
+            int
+        )
+        picked.extend(audio[s : s + window_samples] for s in starts)
+        if len(picked) >= count:
+            break
+    if skipped:
+        log.warning("calibration: %d of %d files could not be decoded", skipped, len(files))
+    if not picked:
+        raise ConfigError(
+            f"--calibration {folder}: no file gave a full {window_samples / sample_rate:g} s window"
+        )
+    return np.stack(picked[:count]).astype(np.float32)
+
+
+def decode_mono(path: Path, sample_rate: int) -> np.ndarray:
+    """Whole file as float32 mono at ``sample_rate`` (channels averaged, soxr resampling)."""
+    import soundfile
+    import soxr
+
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1)
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate)
+    return np.asarray(mono, dtype=np.float32)

@@ -1,0 +1,212 @@
+"""Lower-precision variants of the fp32 ONNX graph: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
+
+- fp16 is for GPUs. The per-window normalisation, the feature extractor's
+  GroupNorm, every LayerNorm and every mean stay fp32: they reduce over
+  thousands of values or divide by small variances, where fp16 loses the
+  answer. Input and output keep their types (int16/float32 in, float32 out).
+- INT8 static QDQ is calibrated on audio windows (MinMax), in one of two
+  flavours, because the fast CPU form and the TensorRT form differ:
+  * ``cpu``: uint8 asymmetric activations, per-tensor int8 weights. ONNX
+    Runtime fuses these into QLinearMatMul (profiled, MERT-95M: 2.3x less
+    kernel time than fp32); with per-channel weights or symmetric int8
+    activations many MatMuls stay dequantised to fp32 (1.1-1.35x).
+  * ``gpu``: symmetric int8 activations and per-channel int8 weights, what
+    TensorRT's explicit quantisation reads (zero points must be 0); the
+    config then selects the TensorRT INT8 accelerator. ONNX Runtime CPU runs
+    it too (for validation), just not fast.
+  Either way the convolutional feature extractor stays fp32: its activations
+  span the whole dynamic range of the audio, and one scale per tensor
+  flattens the quiet parts of transient music (drums, gated noise) to a
+  constant that the LayerNorms then amplify (measured, MERT-95M random init:
+  cosine down to 0.57 and 74% neighbour agreement with it quantised; 0.996
+  and 98% without).
+- INT8 dynamic quantises the MatMul weights only: ONNX Runtime's dynamic
+  kernels exist on CPU only, and dynamic Conv is slower than fp32 there
+  (measured), so convolutions stay fp32. It needs no calibration and is the
+  fallback when the static model fails validation. Its activation scales are
+  computed per call over the whole batch, so a window's embedding depends
+  slightly on the windows batched with it (measured 6e-4 relative; static
+  QDQ and fp32: 2e-7): another reason static is tried first.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.contract import INPUT_NAME
+from indexer.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+FP16_KEEP_FP32_OPS = (
+    "LayerNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "ReduceMean",
+    "Sqrt",
+    "Div",
+)
+STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How an INT8 model is made; recorded in the config and the metadata."""
+
+    method: str
+    description: str
+    gpu_tensorrt: bool  # a Q/DQ model TensorRT can run in INT8
+    activations_signed: bool = True
+    per_channel: bool = False
+
+
+STATIC_CPU = Int8Recipe(
+    "static_qdq_cpu",
+    "static QDQ for ONNX Runtime CPU: uint8 activations, per-tensor int8 weights, "
+    "MinMax calibration; feature extractor fp32",
+    gpu_tensorrt=False,
+    activations_signed=False,
+    per_channel=False,
+)
+STATIC_GPU = Int8Recipe(
+    "static_qdq_tensorrt",
+    "static QDQ for TensorRT: symmetric int8 activations, per-channel int8 weights, "
+    "MinMax calibration; feature extractor fp32",
+    gpu_tensorrt=True,
+    activations_signed=True,
+    per_channel=True,
+)
+DYNAMIC = Int8Recipe(
+    "dynamic_matmul", "dynamic int8, MatMul weights only (ONNX Runtime CPU only)", False
+)
+RECIPES = {recipe.method: recipe for recipe in (STATIC_CPU, STATIC_GPU, DYNAMIC)}
+
+
+def to_fp16(model: Any) -> Any:
+    """fp16 weights and compute, normalisations and reductions kept fp32, I/O types unchanged."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep_nodes = nodes_before_first_conv(model)
+    try:
+        return convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+            node_block_list=keep_nodes,
+        )
+    except Exception as exc:  # noqa: BLE001 - the converter raises anything; one typed error
+        raise ExportError(f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
+
+
+def nodes_before_first_conv(model: Any) -> list[str]:
+    """Names of the nodes between the input and the first Conv: the per-window normalisation."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            break
+        names.append(node.name)
+    return names
+
+
+def feature_extractor_convs(model: Any) -> list[str]:
+    """The Conv nodes that run before the first MatMul: the waveform feature extractor."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            break
+        if node.op_type == "Conv":
+            names.append(node.name)
+    return names
+
+
+class _WindowReader:
+    """Feeds calibration windows to ONNX Runtime's calibrator, a few at a time."""
+
+    def __init__(self, audio: np.ndarray, batch_size: int = 4) -> None:
+        self._batches = [audio[i : i + batch_size] for i in range(0, len(audio), batch_size)]
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._batches):
+            return None
+        batch = self._batches[self._next]
+        self._next += 1
+        return {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def to_int8_static(
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, recipe: Int8Recipe
+) -> Path:
+    """Calibrated QDQ model at ``out_path``; ``calibration`` is already in the model's input dtype."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_WindowReader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="mert-int8-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        try:
+            # Shape inference + graph cleanup so every MatMul/Conv is seen with its shapes.
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # noqa: BLE001 - optional step: quantise the raw graph instead
+            log.warning("quantisation pre-processing failed (%s); quantising the raw graph", exc)
+            prepared = fp32_path
+        import onnx
+
+        keep_fp32 = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
+        try:
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(STATIC_OP_TYPES),
+                per_channel=recipe.per_channel,
+                activation_type=QuantType.QInt8 if recipe.activations_signed else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=keep_fp32,
+                extra_options={
+                    "ActivationSymmetric": recipe.activations_signed,
+                    "WeightSymmetric": True,
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's tools raise anything; one typed error
+            raise ExportError(
+                f"static INT8 quantisation failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    return out_path
+
+
+def to_int8_dynamic(fp32_path: Path, out_path: Path) -> Path:
+    """MatMul-only dynamic INT8 (CPU): weights int8 offline, activations quantised per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            str(fp32_path),
+            str(out_path),
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's tools raise anything; one typed error
+        raise ExportError(f"dynamic INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
+    return out_path
