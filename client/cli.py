@@ -199,7 +199,9 @@ def run(args: argparse.Namespace) -> RunSummary:
             store.commit()  # the unreadable files' failures, also when nothing was to do
             if not args.no_build:
                 info = store.build_index(progress=not args.no_progress)
-                log.info("index: %s", info)
+                log.info("index: %s, %d vectors of %d tracks, %.0f bytes/vector",
+                         info.get("kind"), info.get("n_vectors", 0), info.get("n_tracks", 0),
+                         info.get("bytes_per_vector", 0.0))
         # The whole run, hashing and index build included: what tracks/hour means to a user.
         summary.wall_seconds = time.monotonic() - started
         return summary
