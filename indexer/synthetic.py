@@ -129,3 +129,17 @@ def indexed_track(
     seconds = n_samples / sample_rate
     starts = np.round(index_starts(seconds, embedder.window_seconds) * sample_rate).astype(np.int64)
     return n_samples, starts, embedder.windows(track, starts / sample_rate, track_seconds=seconds)
+
+
+def synthetic_identity(dim: int = 32, sample_rate: int = 100) -> dict:
+    """A store identity for synthetic vectors: 5 s windows, no overlap."""
+    return {
+        "model_id": "synthetic",
+        "weights_sha256": "0" * 64,
+        "layers": [6],
+        "pooling": "mean",
+        "window_samples": 5 * sample_rate,
+        "sample_rate": sample_rate,
+        "embedding_dim": dim,
+        "hop_samples": 5 * sample_rate,
+    }

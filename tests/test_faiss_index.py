@@ -16,20 +16,11 @@ from indexer.errors import StoreError
 from indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare
 from indexer.search import Searcher
 from indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, indexed_track
+from indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100
 DIM = 32
-IDENTITY = {
-    "model_id": "synthetic",
-    "weights_sha256": "0" * 64,
-    "layers": [6],
-    "pooling": "mean",
-    "window_samples": 5 * SR,
-    "sample_rate": SR,
-    "embedding_dim": DIM,
-    "hop_samples": 5 * SR,
-}
+IDENTITY = synthetic_identity(DIM, SR)
 EMB = SyntheticEmbedder(
     dim=DIM, latent_dim=16, seed=3, offset=8.0
 )  # untrained-like: all cosines > 0.95

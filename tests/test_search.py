@@ -18,20 +18,11 @@ from indexer.errors import QueryError
 from indexer.faiss_index import IndexOptions
 from indexer.search import Match, Searcher, SearchOptions
 from indexer.store import IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track
+from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track, synthetic_identity
 
 SR = 100
 DIM = 32
-IDENTITY = {
-    "model_id": "synthetic",
-    "weights_sha256": "0" * 64,
-    "layers": [6],
-    "pooling": "mean",
-    "window_samples": 5 * SR,
-    "sample_rate": SR,
-    "embedding_dim": DIM,
-    "hop_samples": 5 * SR,
-}
+IDENTITY = synthetic_identity(DIM, SR)
 N_TRACKS = 20
 CLIP = clip_starts(10.0, 0.5)  # 0, 0.5, ..., 5.0
 

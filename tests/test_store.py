@@ -22,19 +22,10 @@ from indexer import segments
 from indexer.catalog import Catalog
 from indexer.errors import ModelMismatchError, StoreError
 from indexer.store import IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, indexed_track
+from indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100
-IDENTITY = {
-    "model_id": "synthetic",
-    "weights_sha256": "0" * 64,
-    "layers": [6],
-    "pooling": "mean",
-    "window_samples": 5 * SR,
-    "sample_rate": SR,
-    "embedding_dim": 32,
-    "hop_samples": 5 * SR,
-}
+IDENTITY = synthetic_identity(32, SR)
 EMB = SyntheticEmbedder(dim=32, latent_dim=16, seed=7)
 ROOT = Path(__file__).resolve().parents[1]
 
