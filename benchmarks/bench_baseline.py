@@ -32,7 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_end_to_end import end_to_end, exported  # noqa: E402
-from common import DOCS, SR, WINDOW, CpuClock, machine, write_corpus, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DOCS, SR, WINDOW, CpuClock, bar_chart, machine, write_corpus, write_results,
+)
 
 from client.tuning import usable_cores  # noqa: E402
 from client.windows import cut  # noqa: E402
@@ -99,24 +101,9 @@ class Baseline:
 
 
 def plot(rows: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.6))
-    names = ["PyTorch in-process (fp32)", "client + Triton (INT8)"]
-    values = [rows["baseline"]["x_realtime"], rows["ours"]["x_realtime"]]
-    ax.barh(names, values, color=["#999", "#2a7"])
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.1f}x", va="center")
-    ax.set_xlabel("x realtime")
-    ax.set_title(f"MERT-95M, {rows['machine']['cores']} CPU cores: speedup "
-                 f"{rows['speedup']:.1f}x")
-    ax.set_xlim(0, max(values) * 1.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    bar_chart(out, ["PyTorch in-process (fp32)", "client + Triton (INT8)"],
+              [rows["baseline"]["x_realtime"], rows["ours"]["x_realtime"]], ["#999", "#2a7"],
+              f"MERT-95M, {rows['machine']['cores']} CPU cores: speedup {rows['speedup']:.1f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

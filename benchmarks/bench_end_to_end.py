@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     DOCS,
     ROOT,
     WINDOW,
+    bar_chart,
     index_once,
     machine,
     serve,
@@ -102,25 +103,11 @@ def end_to_end(repo: Path, files: list[Path], work: Path) -> dict:
 
 
 def plot(rows: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = ["model only (before)", "end to end", "model only (after)"]
-    values = [rows["model_only_before"], rows["end_to_end"]["x_realtime"],
-              rows["model_only_after"]]
-    ax.barh(names, values, color=["#999", "#2a7", "#999"])
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.1f}x", va="center")
-    ax.set_xlabel("x realtime")
-    ax.set_title(f"MERT-95M ({rows['precision']}), {rows['machine']['cores']} CPU cores: "
-                 f"ratio {rows['ratio']:.2f}")
-    ax.set_xlim(0, max(values) * 1.25)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    bar_chart(out, ["model only (before)", "end to end", "model only (after)"],
+              [rows["model_only_before"], rows["end_to_end"]["x_realtime"],
+               rows["model_only_after"]], ["#999", "#2a7", "#999"],
+              f"MERT-95M ({rows['precision']}), {rows['machine']['cores']} CPU cores: "
+              f"ratio {rows['ratio']:.2f}", height=3.2)
 
 
 def main(argv: list[str] | None = None) -> int:

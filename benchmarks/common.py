@@ -297,3 +297,24 @@ def index_once(pool: object, files: list[Path], index: Path, *, workers: int, ba
         s1 = server_cpu_seconds(server)
     return IndexRun(summary.audio_seconds, summary.windows, clock.wall,
                     clock.cpu + summary.decoder_process_cpu_seconds, s1 - s0, summary.ok)
+
+
+def bar_chart(out: Path, names: list[str], values: list[float], colors: list[str],
+              title: str, *, height: float = 2.6) -> None:
+    """A horizontal bar chart of x-realtime figures, written to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, height))
+    ax.barh(names, values, color=colors)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f}x", va="center")
+    ax.set_xlabel("x realtime")
+    ax.set_title(title)
+    ax.set_xlim(0, max(values) * 1.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
