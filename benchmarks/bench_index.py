@@ -46,26 +46,13 @@ from indexer.atomic import atomic_write_text
 from indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare, resolve_params
 from indexer.search import DEFAULT_MIN_SCORE, Searcher, SearchOptions
 from indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track
+from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track, synthetic_identity
 
 SR = 24_000
 DIM = 768
 CLIP_SECONDS = 10.0
 HOP = 0.5
 NOISE = 0.1  # a re-encoded excerpt: cosine ~0.995 to the original content part
-
-
-def identity(dim: int) -> dict[str, Any]:
-    return {
-        "model_id": "synthetic-mert-shape",
-        "weights_sha256": "0" * 64,
-        "layers": [12],
-        "pooling": "mean",
-        "window_samples": 5 * SR,
-        "sample_rate": SR,
-        "embedding_dim": dim,
-        "hop_samples": 5 * SR,
-    }
 
 
 def track_seconds(t: int, seed: int) -> float:
@@ -76,7 +63,7 @@ def ingest(root: Path, emb: SyntheticEmbedder, n_windows: int, seed: int) -> dic
     """Fill a store with synthetic tracks until ``n_windows``; one commit per 200 tracks."""
     t0 = time.perf_counter()
     t = windows = 0
-    with IndexStore.open(root, identity(emb.dim), create=True) as store:
+    with IndexStore.open(root, synthetic_identity(emb.dim, SR), create=True) as store:
         while windows < n_windows:
             n, starts, x = indexed_track(emb, t, track_seconds(t, seed), SR)
             take = min(len(starts), n_windows - windows)
@@ -226,7 +213,7 @@ def calibration(
             root = Path(tmp)
             rng = np.random.default_rng(seed)
             lengths = rng.uniform(lo, hi, n)
-            with IndexStore.open(root, identity(dim), create=True) as store:
+            with IndexStore.open(root, synthetic_identity(dim, SR), create=True) as store:
                 for t in range(n):
                     k, starts, x = indexed_track(emb, t, lengths[t], SR)
                     store.add_track(
