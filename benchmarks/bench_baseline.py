@@ -31,13 +31,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_end_to_end import end_to_end, exported  # noqa: E402
-from common import (  # noqa: E402
-    DOCS, SR, WINDOW, CpuClock, bar_chart, machine, write_corpus, write_results,
+from bench_end_to_end import end_to_end, exported
+from common import (
+    DOCS,
+    SR,
+    WINDOW,
+    CpuClock,
+    bar_chart,
+    machine,
+    write_corpus,
+    write_results,
 )
 
-from client.tuning import usable_cores  # noqa: E402
-from client.windows import cut  # noqa: E402
+from mert_indexer.client.tuning import usable_cores
+from mert_indexer.client.windows import cut
 
 BASELINE_BATCH = 32
 
@@ -79,11 +86,12 @@ class Baseline:
         _, windows = cut(audio, WINDOW, WINDOW)
         out = []
         for i in range(0, len(windows), BASELINE_BATCH):
-            x = windows[i:i + BASELINE_BATCH]
+            x = windows[i : i + BASELINE_BATCH]
             x = (x - x.mean(axis=1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-7)
             with self.torch.inference_mode():
-                states = self.model(self.torch.from_numpy(x.astype(np.float32)),
-                                    output_hidden_states=True).hidden_states
+                states = self.model(
+                    self.torch.from_numpy(x.astype(np.float32)), output_hidden_states=True
+                ).hidden_states
                 pooled = self.torch.stack([h.mean(dim=1) for h in states]).mean(dim=0)
             out.append(pooled.numpy())
         with self.lock:
@@ -95,15 +103,26 @@ class Baseline:
             results = list(ex.map(self.embed_file, files))
         audio = sum(len(librosa_style_load(f)) for f in files) / SR
         assert all(np.isfinite(r).all() for r in results)
-        return {"x_realtime": audio / clock.wall, "audio_s": audio, "wall_s": clock.wall,
-                "cpu_s": clock.cpu, "windows": self.windows, "workers": self.workers,
-                "batch": BASELINE_BATCH, "torch_threads": self.torch.get_num_threads()}
+        return {
+            "x_realtime": audio / clock.wall,
+            "audio_s": audio,
+            "wall_s": clock.wall,
+            "cpu_s": clock.cpu,
+            "windows": self.windows,
+            "workers": self.workers,
+            "batch": BASELINE_BATCH,
+            "torch_threads": self.torch.get_num_threads(),
+        }
 
 
 def plot(rows: dict, out: Path) -> None:
-    bar_chart(out, ["PyTorch in-process (fp32)", "client + Triton (INT8)"],
-              [rows["baseline"]["x_realtime"], rows["ours"]["x_realtime"]], ["#999", "#2a7"],
-              f"MERT-95M, {rows['machine']['cores']} CPU cores: speedup {rows['speedup']:.1f}x")
+    bar_chart(
+        out,
+        ["PyTorch in-process (fp32)", "client + Triton (INT8)"],
+        [rows["baseline"]["x_realtime"], rows["ours"]["x_realtime"]],
+        ["#999", "#2a7"],
+        f"MERT-95M, {rows['machine']['cores']} CPU cores: speedup {rows['speedup']:.1f}x",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,12 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="baseline threads (default: usable cores)")
     args = p.parse_args(argv)
     repo = exported("int8", args.repo)
-    corpus = write_corpus(args.corpus or Path(tempfile.gettempdir()) / "mert-bench-e2e",
-                          args.minutes * 60, seed=5, lengths=(60.0, 90.0))
+    corpus = write_corpus(
+        args.corpus or Path(tempfile.gettempdir()) / "mert-bench-e2e",
+        args.minutes * 60,
+        seed=5,
+        lengths=(60.0, 90.0),
+    )
     cores = usable_cores()
     info = machine()
-    print(f"corpus: {len(corpus.files)} files, {corpus.seconds / 60:.1f} min {corpus.by_format}",
-          flush=True)
+    print(
+        f"corpus: {len(corpus.files)} files, {corpus.seconds / 60:.1f} min {corpus.by_format}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         ours = end_to_end(repo, corpus.files, Path(tmp))
     print(f"ours (INT8, client + Triton): {ours['x_realtime']:.2f}x realtime", flush=True)
@@ -127,21 +152,36 @@ def main(argv: list[str] | None = None) -> int:
     baseline = Baseline(args.workers or cores)
     print(f"baseline model built in {time.perf_counter() - t0:.0f} s", flush=True)
     base = baseline.run(corpus.files)
-    print(f"baseline (PyTorch fp32, {base['workers']} threads, batch {BASELINE_BATCH}): "
-          f"{base['x_realtime']:.2f}x realtime", flush=True)
-    rows = {"machine": info, "repo": str(repo),
-            "corpus": {"files": len(corpus.files), "seconds": corpus.seconds,
-                       "formats": corpus.by_format},
-            "ours": ours, "baseline": base, "speedup": ours["x_realtime"] / base["x_realtime"],
-            "load_avg_at_end": os.getloadavg()[0]}
-    table = [f"# Replaced approach vs ours, MERT-95M random init, {info['cpu']}, {cores} cores "
-             f"(load average {info['load_avg_at_start']:.1f} at start; "
-             f"{corpus.seconds / 60:.1f} min in {len(corpus.files)} files)", "",
-             "| approach | x realtime |", "|---|---|",
-             f"| PyTorch in-process, fp32, {base['workers']} threads sharing the model, batch "
-             f"{BASELINE_BATCH}, whole-file decode | {base['x_realtime']:.2f} |",
-             f"| client + local Triton, INT8, automatic sizing | {ours['x_realtime']:.2f} |",
-             f"| **speedup** | **{rows['speedup']:.1f}x** |"]
+    print(
+        f"baseline (PyTorch fp32, {base['workers']} threads, batch {BASELINE_BATCH}): "
+        f"{base['x_realtime']:.2f}x realtime",
+        flush=True,
+    )
+    rows = {
+        "machine": info,
+        "repo": str(repo),
+        "corpus": {
+            "files": len(corpus.files),
+            "seconds": corpus.seconds,
+            "formats": corpus.by_format,
+        },
+        "ours": ours,
+        "baseline": base,
+        "speedup": ours["x_realtime"] / base["x_realtime"],
+        "load_avg_at_end": os.getloadavg()[0],
+    }
+    table = [
+        f"# Replaced approach vs ours, MERT-95M random init, {info['cpu']}, {cores} cores "
+        f"(load average {info['load_avg_at_start']:.1f} at start; "
+        f"{corpus.seconds / 60:.1f} min in {len(corpus.files)} files)",
+        "",
+        "| approach | x realtime |",
+        "|---|---|",
+        f"| PyTorch in-process, fp32, {base['workers']} threads sharing the model, batch "
+        f"{BASELINE_BATCH}, whole-file decode | {base['x_realtime']:.2f} |",
+        f"| client + local Triton, INT8, automatic sizing | {ours['x_realtime']:.2f} |",
+        f"| **speedup** | **{rows['speedup']:.1f}x** |",
+    ]
     md = write_results("client_baseline", rows, table)
     plot(rows, DOCS / "client_baseline.png")
     print("\n".join(table))

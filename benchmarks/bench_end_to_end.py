@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     DOCS,
     ROOT,
     WINDOW,
@@ -40,8 +40,8 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from client.triton_io import ConnectOptions, TritonPool  # noqa: E402
-from client.tuning import choose, usable_cores  # noqa: E402
+from mert_indexer.client.triton_io import ConnectOptions, TritonPool
+from mert_indexer.client.tuning import choose, usable_cores
 
 MODEL_CACHE = Path(tempfile.gettempdir()) / "mert-bench-models"
 
@@ -52,8 +52,17 @@ def exported(precision: str, repo: Path | None) -> Path:
         return repo
     out = MODEL_CACHE / f"95m-{precision}"
     if not (out / "mert" / "1" / "model.onnx").is_file():
-        cmd = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--random-init", "--size",
-               "95m", "--precision", precision, "--output", str(out)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "export" / "to_onnx.py"),
+            "--random-init",
+            "--size",
+            "95m",
+            "--precision",
+            precision,
+            "--output",
+            str(out),
+        ]
         if precision != "fp32":
             cmd += ["--validation-windows", "32"]  # the default 256 takes ~10 min on 2 cores
         print("exporting:", " ".join(cmd), flush=True)
@@ -69,8 +78,9 @@ def model_only(onnx_path: Path, threads: int, batch: int, windows: int) -> float
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
     name = session.get_inputs()[0].name
     dtype = np.int16 if "int16" in session.get_inputs()[0].type else np.float32
     rng = np.random.default_rng(0)
@@ -91,23 +101,40 @@ def end_to_end(repo: Path, files: list[Path], work: Path) -> dict:
         try:
             assert pool.served is not None
             sizing = choose(pool.served, contract.window_samples * 2)
-            run = index_once(pool, files, work / "idx", workers=sizing.decode_workers,
-                             batch=sizing.batch_size, slots=sizing.in_flight,
-                             shm=pool.all_local, server=server)
+            run = index_once(
+                pool,
+                files,
+                work / "idx",
+                workers=sizing.decode_workers,
+                batch=sizing.batch_size,
+                slots=sizing.in_flight,
+                shm=pool.all_local,
+                server=server,
+            )
         finally:
             pool.close()
     assert run.ok
-    return {"x_realtime": run.realtime, "audio_s": run.audio_seconds, "wall_s": run.wall,
-            "client_cpu_s": run.cpu, "server_cpu_s": run.server_cpu,
-            "sizing": sizing.__dict__, "windows": run.windows}
+    return {
+        "x_realtime": run.realtime,
+        "audio_s": run.audio_seconds,
+        "wall_s": run.wall,
+        "client_cpu_s": run.cpu,
+        "server_cpu_s": run.server_cpu,
+        "sizing": sizing.__dict__,
+        "windows": run.windows,
+    }
 
 
 def plot(rows: dict, out: Path) -> None:
-    bar_chart(out, ["model only (before)", "end to end", "model only (after)"],
-              [rows["model_only_before"], rows["end_to_end"]["x_realtime"],
-               rows["model_only_after"]], ["#999", "#2a7", "#999"],
-              f"MERT-95M ({rows['precision']}), {rows['machine']['cores']} CPU cores: "
-              f"ratio {rows['ratio']:.2f}", height=3.2)
+    bar_chart(
+        out,
+        ["model only (before)", "end to end", "model only (after)"],
+        [rows["model_only_before"], rows["end_to_end"]["x_realtime"], rows["model_only_after"]],
+        ["#999", "#2a7", "#999"],
+        f"MERT-95M ({rows['precision']}), {rows['machine']['cores']} CPU cores: "
+        f"ratio {rows['ratio']:.2f}",
+        height=3.2,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repo = exported(args.precision, args.repo)
     onnx_path = repo / "mert" / "1" / "model.onnx"
-    corpus = write_corpus(args.corpus or Path(tempfile.gettempdir()) / "mert-bench-e2e",
-                          args.minutes * 60, seed=5, lengths=(60.0, 90.0))
+    corpus = write_corpus(
+        args.corpus or Path(tempfile.gettempdir()) / "mert-bench-e2e",
+        args.minutes * 60,
+        seed=5,
+        lengths=(60.0, 90.0),
+    )
     cores = usable_cores()
     info = machine()
-    print(f"corpus: {len(corpus.files)} files, {corpus.seconds / 60:.1f} min {corpus.by_format}",
-          flush=True)
+    print(
+        f"corpus: {len(corpus.files)} files, {corpus.seconds / 60:.1f} min {corpus.by_format}",
+        flush=True,
+    )
     # The served model runs 16-window requests merged by the batcher; the model
     # alone gets the same batch and the server's thread count (all cores, one instance).
     before = model_only(onnx_path, cores, 16, args.model_windows)
@@ -136,21 +169,36 @@ def main(argv: list[str] | None = None) -> int:
     after = model_only(onnx_path, cores, 16, args.model_windows)
     print(f"model only: {after:.2f}x realtime", flush=True)
     reference = (before + after) / 2
-    rows = {"machine": info, "precision": args.precision, "repo": str(repo),
-            "corpus": {"files": len(corpus.files), "seconds": corpus.seconds,
-                       "formats": corpus.by_format},
-            "model_only_before": before, "model_only_after": after, "end_to_end": e2e,
-            "ratio": e2e["x_realtime"] / reference, "load_avg_at_end": os.getloadavg()[0]}
-    table = [f"# End to end, MERT-95M random init ({args.precision}), {info['cpu']}, {cores} "
-             f"cores (load average {info['load_avg_at_start']:.1f} at start)", "",
-             "| measurement | x realtime |", "|---|---|",
-             f"| ONNX Runtime alone, before | {before:.2f} |",
-             f"| end to end: client + local Triton ({corpus.seconds / 60:.1f} min, "
-             f"{len(corpus.files)} files) | {e2e['x_realtime']:.2f} |",
-             f"| ONNX Runtime alone, after | {after:.2f} |",
-             f"| **ratio end to end / model alone** | **{rows['ratio']:.2f}** |", "",
-             f"Client sizing (automatic): {e2e['sizing']}; client CPU {e2e['client_cpu_s']:.1f} s, "
-             f"server CPU {e2e['server_cpu_s']:.1f} s for {e2e['audio_s']:.0f} s of audio."]
+    rows = {
+        "machine": info,
+        "precision": args.precision,
+        "repo": str(repo),
+        "corpus": {
+            "files": len(corpus.files),
+            "seconds": corpus.seconds,
+            "formats": corpus.by_format,
+        },
+        "model_only_before": before,
+        "model_only_after": after,
+        "end_to_end": e2e,
+        "ratio": e2e["x_realtime"] / reference,
+        "load_avg_at_end": os.getloadavg()[0],
+    }
+    table = [
+        f"# End to end, MERT-95M random init ({args.precision}), {info['cpu']}, {cores} "
+        f"cores (load average {info['load_avg_at_start']:.1f} at start)",
+        "",
+        "| measurement | x realtime |",
+        "|---|---|",
+        f"| ONNX Runtime alone, before | {before:.2f} |",
+        f"| end to end: client + local Triton ({corpus.seconds / 60:.1f} min, "
+        f"{len(corpus.files)} files) | {e2e['x_realtime']:.2f} |",
+        f"| ONNX Runtime alone, after | {after:.2f} |",
+        f"| **ratio end to end / model alone** | **{rows['ratio']:.2f}** |",
+        "",
+        f"Client sizing (automatic): {e2e['sizing']}; client CPU {e2e['client_cpu_s']:.1f} s, "
+        f"server CPU {e2e['server_cpu_s']:.1f} s for {e2e['audio_s']:.0f} s of audio.",
+    ]
     md = write_results("client_end_to_end", rows, table)
     plot(rows, DOCS / "client_end_to_end.png")
     print("\n".join(table))

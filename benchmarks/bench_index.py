@@ -7,7 +7,7 @@ a whole 10 s clip (11 windows at 0.5 s hop: k-NN + vote + verification) and
 its top-1 accuracy; recall@10 of the compressed index against exact on the
 clip windows; float16 storage against float32 (smallest size); and the no-match
 calibration -- scores of excerpts and of un-indexed clips -- behind
-``indexer.search``'s threshold. 1M and 10M windows are extrapolated on paper
+``mert_indexer.indexer.search``'s threshold. 1M and 10M windows are extrapolated on paper
 from the two largest measured sizes (1M takes too long on 2 shared cores:
 ~8 minutes for its IVF-PQ build and exact reference alone). Results go to
 ``benchmarks/results/index_bench.{json,md}``,
@@ -42,11 +42,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.atomic import atomic_write_text
-from indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare, resolve_params
-from indexer.search import DEFAULT_MIN_SCORE, Searcher, SearchOptions
-from indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track, synthetic_identity
+from mert_indexer.atomic import atomic_write_text
+from mert_indexer.indexer.faiss_index import (
+    INDEX_DIR,
+    IndexOptions,
+    LoadedIndex,
+    prepare,
+    resolve_params,
+)
+from mert_indexer.indexer.search import DEFAULT_MIN_SCORE, Searcher, SearchOptions
+from mert_indexer.indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
+from mert_indexer.indexer.synthetic import (
+    SyntheticEmbedder,
+    clip_starts,
+    indexed_track,
+    synthetic_identity,
+)
 
 SR = 24_000
 DIM = 768
@@ -173,7 +184,9 @@ def knn(root: Path, x: np.ndarray, k: int = 10, rerank: int | None = None) -> np
 
 
 def recall(got: np.ndarray, want: np.ndarray) -> float:
-    return round(float(np.mean([len(set(g) & set(w)) / w.size for g, w in zip(got, want)])), 4)
+    return round(
+        float(np.mean([len(set(g) & set(w)) / w.size for g, w in zip(got, want, strict=True)])), 4
+    )
 
 
 def float16_agreement(

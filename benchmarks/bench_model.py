@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from indexer.atomic import atomic_write  # noqa: E402
+from mert_indexer.atomic import atomic_write
 
 GFLOP_PER_WINDOW_95M = 109.3  # 5 s window, all 12 layers (DESIGN.md)
 RESULTS = ROOT / "benchmarks" / "results"

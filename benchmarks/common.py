@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from client.contract import (  # noqa: E402
+from mert_indexer.contract import (
     CONTRACT_PARAMS,
     CONTRACT_VERSION,
     INPUT_NAME,
@@ -44,8 +44,14 @@ SR = 24_000
 WINDOW = 5 * SR
 
 
-def write_trivial_repo(root: Path, *, input_dtype: str = "int16", dim: int = 32,
-                       max_batch: int = 64, instances: int = 1) -> Path:
+def write_trivial_repo(
+    root: Path,
+    *,
+    input_dtype: str = "int16",
+    dim: int = 32,
+    max_batch: int = 64,
+    instances: int = 1,
+) -> Path:
     """A model repository whose ``mert`` only averages slices of the window.
 
     It carries the real contract parameters, so the real client accepts it;
@@ -59,14 +65,19 @@ def write_trivial_repo(root: Path, *, input_dtype: str = "int16", dim: int = 32,
         raise ValueError(f"dim {dim} must divide the window ({WINDOW})")
     onnx_in = TensorProto.INT16 if input_dtype == "int16" else TensorProto.FLOAT
     graph = helper.make_graph(
-        [helper.make_node("Cast", [INPUT_NAME], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("Reshape", ["x", "shape"], ["r"]),
-         helper.make_node("ReduceMean", ["r", "axes"], [OUTPUT_NAME], keepdims=0)],
+        [
+            helper.make_node("Cast", [INPUT_NAME], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("ReduceMean", ["r", "axes"], [OUTPUT_NAME], keepdims=0),
+        ],
         "trivial",
         [helper.make_tensor_value_info(INPUT_NAME, onnx_in, ["batch", WINDOW])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor("shape", TensorProto.INT64, [3], [-1, dim, WINDOW // dim]),
-         helper.make_tensor("axes", TensorProto.INT64, [1], [2])])
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [3], [-1, dim, WINDOW // dim]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -75,15 +86,23 @@ def write_trivial_repo(root: Path, *, input_dtype: str = "int16", dim: int = 32,
     onnx.save_model(model, str(model_dir / "1" / "model.onnx"))
 
     config = mc.ModelConfig(name="mert", platform="onnxruntime_onnx", max_batch_size=max_batch)
-    config.input.add(name=INPUT_NAME, data_type=mc.DataType.Value(NUMPY_TO_TRITON[input_dtype]),
-                     dims=[WINDOW])
+    config.input.add(
+        name=INPUT_NAME, data_type=mc.DataType.Value(NUMPY_TO_TRITON[input_dtype]), dims=[WINDOW]
+    )
     config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[dim])
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.dynamic_batching.SetInParent()
-    params = {P_CONTRACT_VERSION: CONTRACT_VERSION, P_MODEL_ID: f"trivial-mean-{dim}",
-              P_WEIGHTS_SHA256: "0" * 64, P_LAYERS: "0", P_POOLING: "slice_mean",
-              P_WINDOW_SAMPLES: str(WINDOW), P_SAMPLE_RATE: str(SR),
-              P_EMBEDDING_DIM: str(dim), P_PRECISION: "fp32"}
+    params = {
+        P_CONTRACT_VERSION: CONTRACT_VERSION,
+        P_MODEL_ID: f"trivial-mean-{dim}",
+        P_WEIGHTS_SHA256: "0" * 64,
+        P_LAYERS: "0",
+        P_POOLING: "slice_mean",
+        P_WINDOW_SAMPLES: str(WINDOW),
+        P_SAMPLE_RATE: str(SR),
+        P_EMBEDDING_DIM: str(dim),
+        P_PRECISION: "fp32",
+    }
     assert set(params) == set(CONTRACT_PARAMS)
     for key, value in params.items():
         config.parameters[key].string_value = value
@@ -92,22 +111,28 @@ def write_trivial_repo(root: Path, *, input_dtype: str = "int16", dim: int = 32,
 
 
 def write_audio(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Like :func:`client.synth.write`, but writes Ogg in chunks.
+    """Like :func:`mert_indexer.client.synth.write`, but writes Ogg in chunks.
 
     libsndfile 1.2.2 crashes (SIGSEGV) encoding a few minutes of Vorbis in
     one ``sf.write`` call; chunked writes are fine.
     """
-    from client.synth import write
+    from mert_indexer.client.synth import write
 
     if path.suffix.lower() != ".ogg":
         return write(path, audio, sample_rate)
     import soundfile as sf
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sf.SoundFile(str(path), "w", sample_rate, audio.shape[1] if audio.ndim == 2 else 1,
-                      format="OGG", subtype="VORBIS") as fh:
+    with sf.SoundFile(
+        str(path),
+        "w",
+        sample_rate,
+        audio.shape[1] if audio.ndim == 2 else 1,
+        format="OGG",
+        subtype="VORBIS",
+    ) as fh:
         for i in range(0, len(audio), sample_rate):
-            fh.write(audio[i:i + sample_rate])
+            fh.write(audio[i : i + sample_rate])
     return path
 
 
@@ -124,23 +149,33 @@ class Corpus:
         return out
 
 
-def write_corpus(folder: Path, total_seconds: float, *, seed: int = 0,
-                 suffixes: tuple[str, ...] = (".mp3", ".ogg", ".flac", ".m4a", ".wav"),
-                 lengths: tuple[float, float] = (60.0, 360.0),
-                 sample_rates: tuple[int, ...] = (44_100, 48_000)) -> Corpus:
+def write_corpus(
+    folder: Path,
+    total_seconds: float,
+    *,
+    seed: int = 0,
+    suffixes: tuple[str, ...] = (".mp3", ".ogg", ".flac", ".m4a", ".wav"),
+    lengths: tuple[float, float] = (60.0, 360.0),
+    sample_rates: tuple[int, ...] = (44_100, 48_000),
+) -> Corpus:
     """Real-world-like tracks (1-6 min, stereo, 44.1/48 kHz, mixed formats), ~``total_seconds``.
 
     Cached in ``folder`` by parameters: benchmarks rerun without regenerating.
     """
     folder.mkdir(parents=True, exist_ok=True)
     stamp = folder / "corpus.json"
-    key = {"total": total_seconds, "seed": seed, "suffixes": suffixes, "lengths": lengths,
-           "rates": sample_rates}
+    key = {
+        "total": total_seconds,
+        "seed": seed,
+        "suffixes": suffixes,
+        "lengths": lengths,
+        "rates": sample_rates,
+    }
     if stamp.exists():
         meta = json.loads(stamp.read_text())
         if meta["key"] == json.loads(json.dumps(key)):
             return Corpus([folder / n for n in meta["files"]], meta["seconds"])
-    from client.synth import music
+    from mert_indexer.client.synth import music
 
     rng = np.random.default_rng(seed)
     files, total, i = [], 0.0, 0
@@ -153,13 +188,13 @@ def write_corpus(folder: Path, total_seconds: float, *, seed: int = 0,
         # Synthesise a minute and vary it: generating hours note by note is slow.
         base = music(min(length, 60.0), seed=seed * 1000 + i, sample_rate=rate)
         reps = int(np.ceil(length * rate / len(base)))
-        audio = np.concatenate([base * np.float32(0.6 + 0.4 * ((k + i) % 3) / 2)
-                                for k in range(reps)])[: int(length * rate)]
+        audio = np.concatenate(
+            [base * np.float32(0.6 + 0.4 * ((k + i) % 3) / 2) for k in range(reps)]
+        )[: int(length * rate)]
         files.append(write_audio(folder / f"track_{i:03d}{suffix}", audio, rate))
         total += length
         i += 1
-    stamp.write_text(json.dumps({"key": key, "files": [f.name for f in files],
-                                 "seconds": total}))
+    stamp.write_text(json.dumps({"key": key, "files": [f.name for f in files], "seconds": total}))
     return Corpus(files, total)
 
 
@@ -174,9 +209,12 @@ class CpuClock:
     def __exit__(self, *exc: object) -> None:
         t1 = os.times()
         self.wall = time.perf_counter() - self._w0
-        self.cpu = (t1.user - self._t0.user) + (t1.system - self._t0.system) \
-            + (t1.children_user - self._t0.children_user) \
+        self.cpu = (
+            (t1.user - self._t0.user)
+            + (t1.system - self._t0.system)
+            + (t1.children_user - self._t0.children_user)
             + (t1.children_system - self._t0.children_system)
+        )
 
 
 def machine() -> dict[str, object]:
@@ -193,8 +231,12 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": cores, "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()[0]}
+    return {
+        "cpu": model,
+        "cores": cores,
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg()[0],
+    }
 
 
 def write_results(name: str, data: dict, table: list[str]) -> Path:
@@ -214,13 +256,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(repo: Path, **kw: object):  # noqa: ANN201 - a started LocalTriton (context manager)
+def serve(repo: Path, **kw: object):
     """The bundled Triton serving ``repo`` on free ports (use as a context manager)."""
-    from server.launcher import LocalTriton, ServeOptions
+    from mert_indexer.server.launcher import LocalTriton, ServeOptions
 
-    return LocalTriton(ServeOptions(model_repository=repo, grpc_port=free_port(),
-                                    http_port=free_port(), metrics_port=free_port(),
-                                    device="cpu", ready_timeout=600, **kw))
+    return LocalTriton(
+        ServeOptions(
+            model_repository=repo,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            device="cpu",
+            ready_timeout=600,
+            **kw,
+        )
+    )
 
 
 def server_cpu_seconds(server: object) -> float:
@@ -262,20 +312,29 @@ class IndexRun:
         return self.audio_seconds / self.cpu
 
 
-def index_once(pool: object, files: list[Path], index: Path, *, workers: int, batch: int,
-               slots: int, shm: bool, pyav_processes: int | None = None,
-               server: object = None) -> IndexRun:
-    """One timed :class:`client.pipeline.Pipeline` run into a fresh real store.
+def index_once(
+    pool: object,
+    files: list[Path],
+    index: Path,
+    *,
+    workers: int,
+    batch: int,
+    slots: int,
+    shm: bool,
+    pyav_processes: int | None = None,
+    server: object = None,
+) -> IndexRun:
+    """One timed :class:`mert_indexer.client.pipeline.Pipeline` run into a fresh real store.
 
     Planning (which hashes every file) happens before the clock starts: it is
     the store's cost, paid once per file whatever the client does.
     """
     import shutil
 
-    from client.pipeline import Pipeline, PipelineOptions
-    from client.report import RunSummary
-    from client.transport import make_sender
-    from indexer.store import IndexStore
+    from mert_indexer.client.pipeline import Pipeline, PipelineOptions
+    from mert_indexer.client.report import RunSummary
+    from mert_indexer.client.transport import make_sender
+    from mert_indexer.indexer.store import IndexStore
 
     shutil.rmtree(index, ignore_errors=True)
     contract = pool.contract  # type: ignore[attr-defined]
@@ -285,9 +344,12 @@ def index_once(pool: object, files: list[Path], index: Path, *, workers: int, ba
         plan = store.plan([str(f) for f in files])
         store.apply(plan)
         sender = make_sender(pool, slots=slots, batch_size=batch, shm=shm)  # type: ignore[arg-type]
-        options = PipelineOptions(hop_samples=hop, decode_workers=workers,
-                                  pyav_processes=workers if pyav_processes is None
-                                  else pyav_processes, progress=False)
+        options = PipelineOptions(
+            hop_samples=hop,
+            decode_workers=workers,
+            pyav_processes=workers if pyav_processes is None else pyav_processes,
+            progress=False,
+        )
         s0 = server_cpu_seconds(server)
         try:
             with CpuClock() as clock:
@@ -295,12 +357,25 @@ def index_once(pool: object, files: list[Path], index: Path, *, workers: int, ba
         finally:
             sender.close()
         s1 = server_cpu_seconds(server)
-    return IndexRun(summary.audio_seconds, summary.windows, clock.wall,
-                    clock.cpu + summary.decoder_process_cpu_seconds, s1 - s0, summary.ok)
+    return IndexRun(
+        summary.audio_seconds,
+        summary.windows,
+        clock.wall,
+        clock.cpu + summary.decoder_process_cpu_seconds,
+        s1 - s0,
+        summary.ok,
+    )
 
 
-def bar_chart(out: Path, names: list[str], values: list[float], colors: list[str],
-              title: str, *, height: float = 2.6) -> None:
+def bar_chart(
+    out: Path,
+    names: list[str],
+    values: list[float],
+    colors: list[str],
+    title: str,
+    *,
+    height: float = 2.6,
+) -> None:
     """A horizontal bar chart of x-realtime figures, written to ``out`` (PNG)."""
     import matplotlib
 

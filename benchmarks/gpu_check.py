@@ -129,11 +129,11 @@ def prepare() -> int:
         (CARRY, ["tritonclient==2.51.0", "python-rapidjson==1.25"]),
         (CARRY / FALLBACK, ["protobuf==4.25.9"]),
     ):
-        proc = run(pip + ["-d", str(dest), *wanted], timeout=600)
+        proc = run([*pip, "-d", str(dest), *wanted], timeout=600)
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return 1
-    from server.bundle import find_bundle
+    from mert_indexer.server.bundle import find_bundle
 
     bundle = find_bundle()
     stub = bundle.root / "python_backend_stubs" / STUB_PYTHON / "triton_python_backend_stub"
@@ -346,7 +346,7 @@ print(json.dumps(out))
 def torch_reference(size: str, cuda: bool, seconds: float, timeout: float) -> dict:
     device = "cuda" if cuda else "cpu"
     batch = 32 if cuda else 2
-    from client.contract import DEFAULT_SAMPLE_RATE, DEFAULT_WINDOW_SECONDS
+    from mert_indexer.contract import DEFAULT_SAMPLE_RATE, DEFAULT_WINDOW_SECONDS
 
     window = int(DEFAULT_WINDOW_SECONDS * DEFAULT_SAMPLE_RATE)
     proc = run(
@@ -393,7 +393,7 @@ class SmiSampler:
                 self.samples.append((used, total, util))
             self._stop.wait(0.5)
 
-    def __enter__(self) -> SmiSampler:  # noqa: PYI034 (no typing.Self before 3.11)
+    def __enter__(self) -> SmiSampler:
         self._thread.start()
         return self
 
@@ -491,7 +491,7 @@ def serve_and_load(repo: Path, device: str, seconds: float, timeout: float, labe
             }
         )
         return out
-    except Exception as exc:  # noqa: BLE001 (reported; the next step still runs)
+    except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         return out
     finally:
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{name} ...")
         try:
             return fn(*a)
-        except Exception as exc:  # noqa: BLE001 (a failed step is a line of the report)
+        except Exception as exc:
             report["errors"][name] = f"{type(exc).__name__}: {exc}"
             say(f"{name} FAILED: {exc}")
             if os.environ.get("GPU_CHECK_DEBUG"):
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool.submit(export, p, size, work / p, budget.take(240)) for p in ("fp32", "fp16")
             ]
             report["exports"] = [j.result() for j in jobs]
-    except Exception as exc:  # noqa: BLE001 (a failed step is a line of the report)
+    except Exception as exc:
         report["errors"]["export"] = f"{type(exc).__name__}: {exc}"
     exports = {
         e["precision"]: Path(e["repo"]) for e in report.get("exports", []) if "error" not in e
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["wall_s"] = round(time.monotonic() - started)
     text = markdown(report)
-    from indexer.atomic import atomic_write_text
+    from mert_indexer.atomic import atomic_write_text
 
     name = "serving_gpu_dryrun" if args.dry_run else "serving_gpu"
     atomic_write_text(args.out / f"{name}.json", json.dumps(report, indent=2) + "\n")

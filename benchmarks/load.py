@@ -6,7 +6,7 @@ Two load generators, the same report:
   ``tritonclient==2.51.0`` wheel (``<venv>/bin/perf_analyzer``; it needs two
   libraries that only the nvidia-pytriton wheel carries, linked in here);
 - our own Python threads (tritonclient gRPC, and system shared memory
-  through ``client.shm``, the client's own transport), used where
+  through ``mert_indexer.client.shm``, the client's own transport), used where
   perf_analyzer cannot run.
 
 The average batch per execution always comes from the server's own
@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from client.contract import ModelContract, config_from_json, dump_config, load_config
-from indexer.atomic import atomic_write_text
-from indexer.errors import ConfigError, IndexerError, ServerStartError
+from mert_indexer.atomic import atomic_write_text
+from mert_indexer.contract import ModelContract, config_from_json, dump_config, load_config
+from mert_indexer.errors import ConfigError, IndexerError, ServerStartError
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -144,7 +144,7 @@ def perf_analyzer_binary() -> Path | None:
 @contextmanager
 def perf_analyzer_libs() -> Iterator[str]:
     """A folder with the sonames perf_analyzer links (libb64, libcudart), from the Triton bundle."""
-    from server.bundle import find_bundle
+    from mert_indexer.server.bundle import find_bundle
 
     libs = find_bundle().libs
     with tempfile.TemporaryDirectory(prefix="pa-libs-") as tmp:
@@ -241,7 +241,7 @@ def run_python(url: str, model: str, load: Load, contract: ModelContract) -> Res
             inp = grpcclient.InferInput(contract.input_name, list(shape), contract.wire_dtype)
             out = grpcclient.InferRequestedOutput(contract.output_name)
             if load.shm:
-                from client import shm
+                from mert_indexer.client import shm
 
                 regions = [
                     shm.create_regions(1, shape, contract.input_dtype)[0],
@@ -264,7 +264,7 @@ def run_python(url: str, model: str, load: Load, contract: ModelContract) -> Res
                 client.infer(model, [inp], outputs=[out])
                 if measuring.is_set():
                     latencies[slot].append(time.perf_counter() - t0)
-        except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
+        except BaseException as exc:
             errors.append(exc)
             stop.set()
         finally:
@@ -371,7 +371,7 @@ def serving(repo: Path, **variant: int) -> Iterator[str]:
     """Serve a variant of ``repo`` on free ports; yields the gRPC URL."""
     import socket
 
-    from server.launcher import LocalTriton, ServeOptions
+    from mert_indexer.server.launcher import LocalTriton, ServeOptions
 
     def port() -> int:
         with socket.socket() as s:

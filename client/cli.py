@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.decode import check_readable
-from client.discover import Shard, find_audio
-from client.pipeline import Pipeline, PipelineOptions
-from client.report import RunSummary, display, summary_lines
-from client.transport import BatchSender, make_sender
-from client.triton_io import ConnectOptions, TritonPool, is_local
-from client.tuning import choose
-from indexer.errors import ConfigError, DecodeError, IndexerError, ServerUnavailableError
+from mert_indexer.client.decode import check_readable
+from mert_indexer.client.discover import Shard, find_audio
+from mert_indexer.client.pipeline import Pipeline, PipelineOptions
+from mert_indexer.client.report import RunSummary, display, summary_lines
+from mert_indexer.client.transport import BatchSender, make_sender
+from mert_indexer.client.triton_io import ConnectOptions, TritonPool, is_local
+from mert_indexer.client.tuning import choose
+from mert_indexer.errors import ConfigError, DecodeError, IndexerError, ServerUnavailableError
 
 log = logging.getLogger("indexer-client")
 
@@ -25,26 +25,43 @@ DEFAULT_INDEX = Path("index")
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", action="append", metavar="HOST:PORT",
-                   help="Triton gRPC endpoint; repeat to spread the load over several "
-                        "(default: localhost:8001)")
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="HOST:PORT",
+        help="Triton gRPC endpoint; repeat to spread the load over several "
+        "(default: localhost:8001)",
+    )
     p.add_argument("--model-name", default="mert", help="served model name (default: mert)")
-    p.add_argument("--deadline", type=float, default=300.0,
-                   help="seconds to keep retrying an unavailable server (default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds one request may take, queueing included (default: %(default)s)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying an unavailable server (default: %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one request may take, queueing included (default: %(default)s)",
+    )
     p.add_argument("--ssl", action="store_true", help="gRPC over TLS (system CA roots)")
-    p.add_argument("--ssl-ca", type=Path,
-                   help="PEM CA certificate to verify the server (implies --ssl)")
+    p.add_argument(
+        "--ssl-ca", type=Path, help="PEM CA certificate to verify the server (implies --ssl)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def connect_options(args: argparse.Namespace) -> ConnectOptions:
-    return ConnectOptions(servers=tuple(args.server or ["localhost:8001"]),
-                          model_name=args.model_name, deadline_seconds=args.deadline,
-                          request_timeout=getattr(args, "request_timeout", 300.0),
-                          ssl=args.ssl, ssl_ca=args.ssl_ca)
+    return ConnectOptions(
+        servers=tuple(args.server or ["localhost:8001"]),
+        model_name=args.model_name,
+        deadline_seconds=args.deadline,
+        request_timeout=getattr(args, "request_timeout", 300.0),
+        ssl=args.ssl,
+        ssl_ca=args.ssl_ca,
+    )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -53,8 +70,10 @@ def setup_logging(verbose: bool) -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates every import
 
 
@@ -62,40 +81,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="indexer-client",
         description="Decode audio, embed fixed windows with the served MERT model and add "
-                    "them to an index. Reruns skip what is already indexed. Exits 1 if any "
-                    "file was skipped or failed (each is named with its reason).")
+        "them to an index. Reruns skip what is already indexed. Exits 1 if any "
+        "file was skipped or failed (each is named with its reason).",
+    )
     add_connection_args(p)
-    p.add_argument("--input", action="append", type=Path, required=True, metavar="PATH",
-                   help="folder (walked) or file to index; repeatable")
-    p.add_argument("--index", type=Path, default=DEFAULT_INDEX,
-                   help="index folder, created if absent (default: ./%(default)s)")
-    p.add_argument("--hop-seconds", type=float,
-                   help="window hop (default: the window length, no overlap; half the "
-                        "window gives 50%% overlap)")
-    tuning = p.add_argument_group("sizing (default: chosen from this machine and the served "
-                                  "model's config)")
+    p.add_argument(
+        "--input",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="folder (walked) or file to index; repeatable",
+    )
+    p.add_argument(
+        "--index",
+        type=Path,
+        default=DEFAULT_INDEX,
+        help="index folder, created if absent (default: ./%(default)s)",
+    )
+    p.add_argument(
+        "--hop-seconds",
+        type=float,
+        help="window hop (default: the window length, no overlap; half the "
+        "window gives 50%% overlap)",
+    )
+    tuning = p.add_argument_group(
+        "sizing (default: chosen from this machine and the served model's config)"
+    )
     tuning.add_argument("--workers", type=int, help="decoding threads (default: usable cores)")
-    tuning.add_argument("--pyav-processes", type=int,
-                        help="processes decoding files only FFmpeg reads, e.g. m4a "
-                             "(default: as many as --workers; 0 decodes them in the threads)")
-    tuning.add_argument("--batch-size", type=int,
-                        help="windows per request (default: 16, at most the model's "
-                             "max_batch_size)")
-    tuning.add_argument("--in-flight", type=int,
-                        help="requests in flight over all servers (default: two server "
-                             "batches per model instance)")
-    p.add_argument("--shm", action=argparse.BooleanOptionalAction, default=None,
-                   help="send batches through system shared memory (needs every --server on "
-                        "this host; default: on when they are)")
-    p.add_argument("--shard", type=Shard.parse, metavar="i/N",
-                   help="index only shard i of N (deterministic split by path)")
-    p.add_argument("--prune", action="store_true",
-                   help="remove tracks whose files are gone from the index")
-    p.add_argument("--no-build", action="store_true",
-                   help="store embeddings but do not rebuild the FAISS index")
-    p.add_argument("--commit-seconds", type=float, default=10.0,
-                   help="make completed tracks durable at least this often; what a crash "
-                        "can cost (default: %(default)s; 0: after every track)")
+    tuning.add_argument(
+        "--pyav-processes",
+        type=int,
+        help="processes decoding files only FFmpeg reads, e.g. m4a "
+        "(default: as many as --workers; 0 decodes them in the threads)",
+    )
+    tuning.add_argument(
+        "--batch-size",
+        type=int,
+        help="windows per request (default: 16, at most the model's max_batch_size)",
+    )
+    tuning.add_argument(
+        "--in-flight",
+        type=int,
+        help="requests in flight over all servers (default: two server batches per model instance)",
+    )
+    p.add_argument(
+        "--shm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send batches through system shared memory (needs every --server on "
+        "this host; default: on when they are)",
+    )
+    p.add_argument(
+        "--shard",
+        type=Shard.parse,
+        metavar="i/N",
+        help="index only shard i of N (deterministic split by path)",
+    )
+    p.add_argument(
+        "--prune", action="store_true", help="remove tracks whose files are gone from the index"
+    )
+    p.add_argument(
+        "--no-build",
+        action="store_true",
+        help="store embeddings but do not rebuild the FAISS index",
+    )
+    p.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=10.0,
+        help="make completed tracks durable at least this often; what a crash "
+        "can cost (default: %(default)s; 0: after every track)",
+    )
     return p
 
 
@@ -124,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(args)
     except KeyboardInterrupt:
-        print("indexer-client: interrupted; completed tracks are saved, rerun to continue",
-              file=sys.stderr)
+        print(
+            "indexer-client: interrupted; completed tracks are saved, rerun to continue",
+            file=sys.stderr,
+        )
         return 130
     except IndexerError as exc:
         print(f"indexer-client: error: {display(str(exc))}", file=sys.stderr)
@@ -139,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> RunSummary:
-    from indexer.store import IndexStore
+    from mert_indexer.indexer.store import IndexStore
 
     started = time.monotonic()
     files = find_audio(args.input, args.shard)
@@ -151,22 +210,38 @@ def run(args: argparse.Namespace) -> RunSummary:
         window = contract.window_samples
         hop = round(args.hop_seconds * contract.sample_rate) if args.hop_seconds else window
         if hop > window:
-            raise ConfigError(f"--hop-seconds {args.hop_seconds} exceeds the window "
-                              f"({contract.window_seconds} s): audio would be skipped")
+            raise ConfigError(
+                f"--hop-seconds {args.hop_seconds} exceeds the window "
+                f"({contract.window_seconds} s): audio would be skipped"
+            )
         if args.batch_size and served.max_batch_size and args.batch_size > served.max_batch_size:
-            raise ConfigError(f"--batch-size {args.batch_size} exceeds the served model's "
-                              f"max_batch_size {served.max_batch_size}")
+            raise ConfigError(
+                f"--batch-size {args.batch_size} exceeds the served model's "
+                f"max_batch_size {served.max_batch_size}"
+            )
         window_bytes = window * (2 if contract.input_dtype == "int16" else 4)
-        sizing = choose(served, window_bytes, workers=args.workers,
-                        pyav_processes=args.pyav_processes, batch_size=args.batch_size,
-                        in_flight=args.in_flight)
+        sizing = choose(
+            served,
+            window_bytes,
+            workers=args.workers,
+            pyav_processes=args.pyav_processes,
+            batch_size=args.batch_size,
+            in_flight=args.in_flight,
+        )
         use_shm = pool.all_local if args.shm is None else args.shm
-        log.info("%s: model %s (%s, %s input), %d instance(s); %d decode thread(s), "
-                 "%d window(s) per request, %d in flight, %s",
-                 ", ".join(pool.endpoints), contract.model_id, contract.precision,
-                 contract.input_dtype, served.total_instances, sizing.decode_workers,
-                 sizing.batch_size, sizing.in_flight,
-                 "shared memory" if use_shm else "gRPC payloads")
+        log.info(
+            "%s: model %s (%s, %s input), %d instance(s); %d decode thread(s), "
+            "%d window(s) per request, %d in flight, %s",
+            ", ".join(pool.endpoints),
+            contract.model_id,
+            contract.precision,
+            contract.input_dtype,
+            served.total_instances,
+            sizing.decode_workers,
+            sizing.batch_size,
+            sizing.in_flight,
+            "shared memory" if use_shm else "gRPC payloads",
+        )
         identity = contract.identity() | {"hop_samples": hop}
         summary = RunSummary()
         with IndexStore.open(args.index, identity, create=True) as store:
@@ -179,29 +254,45 @@ def run(args: argparse.Namespace) -> RunSummary:
                 reason = _unreadable_reason(path, reason)
                 summary.failed.append((path, reason))
                 store.record_failure(path, reason)
-            log.info("%d file(s): %d to index, %d unchanged, %d renamed, %d duplicate(s)",
-                     len(files), len(plan.todo), len(plan.unchanged), len(plan.renamed),
-                     len(plan.duplicates))
+            log.info(
+                "%d file(s): %d to index, %d unchanged, %d renamed, %d duplicate(s)",
+                len(files),
+                len(plan.todo),
+                len(plan.unchanged),
+                len(plan.renamed),
+                len(plan.duplicates),
+            )
             if args.prune and plan.gone:
                 summary.pruned = store.prune(plan.gone)
             if plan.todo:
-                sender = _sender(pool, sizing.in_flight, sizing.batch_size, use_shm,
-                                 explicit=args.shm is not None)
+                sender = _sender(
+                    pool,
+                    sizing.in_flight,
+                    sizing.batch_size,
+                    use_shm,
+                    explicit=args.shm is not None,
+                )
                 try:
-                    options = PipelineOptions(hop_samples=hop,
-                                              decode_workers=sizing.decode_workers,
-                                              pyav_processes=sizing.pyav_processes,
-                                              commit_every_seconds=args.commit_seconds,
-                                              progress=not args.no_progress)
+                    options = PipelineOptions(
+                        hop_samples=hop,
+                        decode_workers=sizing.decode_workers,
+                        pyav_processes=sizing.pyav_processes,
+                        commit_every_seconds=args.commit_seconds,
+                        progress=not args.no_progress,
+                    )
                     Pipeline(contract, sender, store, options).run(plan.todo, summary)
                 finally:
                     sender.close()
             store.commit()  # the unreadable files' failures, also when nothing was to do
             if not args.no_build:
                 info = store.build_index(progress=not args.no_progress)
-                log.info("index: %s, %d vectors of %d tracks, %.0f bytes/vector",
-                         info.get("kind"), info.get("n_vectors", 0), info.get("n_tracks", 0),
-                         info.get("bytes_per_vector", 0.0))
+                log.info(
+                    "index: %s, %d vectors of %d tracks, %.0f bytes/vector",
+                    info.get("kind"),
+                    info.get("n_vectors", 0),
+                    info.get("n_tracks", 0),
+                    info.get("bytes_per_vector", 0.0),
+                )
         # The whole run, hashing and index build included: what tracks/hour means to a user.
         summary.wall_seconds = time.monotonic() - started
         return summary
@@ -216,8 +307,11 @@ def _plan(store: Any, paths: list[str], summary: RunSummary) -> Any:
     except UnicodeEncodeError:
         pass
     storable = [p for p in paths if _utf8(p)]
-    summary.failed += [(p, "file name is not valid UTF-8 and this index store cannot record "
-                           "it (rename the file)") for p in paths if not _utf8(p)]
+    summary.failed += [
+        (p, "file name is not valid UTF-8 and this index store cannot record it (rename the file)")
+        for p in paths
+        if not _utf8(p)
+    ]
     return store.plan(storable)
 
 
@@ -238,8 +332,9 @@ def _utf8(path: str) -> bool:
     return True
 
 
-def _sender(pool: TritonPool, slots: int, batch_size: int, shm: bool, *,
-            explicit: bool) -> BatchSender:
+def _sender(
+    pool: TritonPool, slots: int, batch_size: int, shm: bool, *, explicit: bool
+) -> BatchSender:
     """The transport; automatic shared memory falls back to gRPC if the server cannot map it."""
     if not shm:
         return make_sender(pool, slots=slots, batch_size=batch_size, shm=False)

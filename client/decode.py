@@ -4,7 +4,7 @@ libsndfile (through soundfile) and soxr release the GIL, so decoding scales
 across threads; PyAV holds it and gets *slower* in a thread pool (measured:
 two threads 0.6x of one). So soundfile + soxr is the primary path, and PyAV
 is the fallback for what libsndfile cannot open (m4a/AAC, Ogg files it
-rejects, ...); :mod:`client.pyav_pool` runs that fallback in processes so it
+rejects, ...); :mod:`mert_indexer.client.pyav_pool` runs that fallback in processes so it
 does not stall the other threads. Channels are averaged (FFmpeg's default
 downmix is 3 dB louder; one rule everywhere avoids surprises); resampling is
 soxr's HQ (never miniaudio's, which aliases). Memory is bounded by the block
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import DecodeError
+from mert_indexer.errors import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class NotForThisDecoder(Exception):
     """This decoder cannot open the file (before any audio came out); another may."""
 
 
-def decode_blocks(path: str | Path, sample_rate: int, *,
-                  fallback: Fallback | None = None) -> Iterator[np.ndarray]:
+def decode_blocks(
+    path: str | Path, sample_rate: int, *, fallback: Fallback | None = None
+) -> Iterator[np.ndarray]:
     """Yield consecutive mono float32 blocks of ``path`` resampled to ``sample_rate``.
 
     ``fallback`` decodes what libsndfile cannot (default: PyAV in this
@@ -85,8 +86,7 @@ def check_readable(path: str | Path) -> None:
         raise DecodeError(path, "empty file (0 bytes)")
 
 
-def _any_blocks(path: Path, sample_rate: int, fallback: Fallback | None
-                ) -> Iterator[np.ndarray]:
+def _any_blocks(path: Path, sample_rate: int, fallback: Fallback | None) -> Iterator[np.ndarray]:
     if path.suffix.lower() not in PYAV_ONLY_SUFFIXES:
         try:
             yield from _soundfile_blocks(path, sample_rate)
@@ -165,11 +165,15 @@ def _soundfile_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
             if last:
                 break
         declared = fh.frames if 0 < fh.frames < 2**62 else 0  # unknown lengths read as huge
-        if declared and declared - read > max(fh.samplerate * TRUNCATION_SECONDS,
-                                               declared * TRUNCATION_FRACTION):
-            raise DecodeError(path, f"truncated: the header promises "
-                                    f"{declared / fh.samplerate:.1f} s, the stream ends at "
-                                    f"{read / fh.samplerate:.1f} s")
+        if declared and declared - read > max(
+            fh.samplerate * TRUNCATION_SECONDS, declared * TRUNCATION_FRACTION
+        ):
+            raise DecodeError(
+                path,
+                f"truncated: the header promises "
+                f"{declared / fh.samplerate:.1f} s, the stream ends at "
+                f"{read / fh.samplerate:.1f} s",
+            )
 
 
 def _native_name(path: Path) -> str | bytes:
@@ -200,12 +204,13 @@ def _check_ogg_end(path: Path) -> None:
     ok = False
     if start >= 0 and len(tail) - start >= 27 and tail[start + 4] == 0:
         n_segments = tail[start + 26]
-        lacing = tail[start + 27:start + 27 + n_segments]
+        lacing = tail[start + 27 : start + 27 + n_segments]
         end = start + 27 + n_segments + sum(lacing)
         ok = len(lacing) == n_segments and end == len(tail) and bool(tail[start + 5] & 0x04)
     if not ok:
-        raise DecodeError(path, "truncated: the Ogg stream has no end-of-stream page "
-                                "(the file was cut short)")
+        raise DecodeError(
+            path, "truncated: the Ogg stream has no end-of-stream page (the file was cut short)"
+        )
 
 
 def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
@@ -249,8 +254,9 @@ def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
                     if resampler is None and not in_rate:
                         in_rate = frame.sample_rate
                         if in_rate != sample_rate:
-                            resampler = soxr.ResampleStream(in_rate, sample_rate, 1,
-                                                            dtype="float32")
+                            resampler = soxr.ResampleStream(
+                                in_rate, sample_rate, 1, dtype="float32"
+                            )
                     fmt = frame.format.name
                 if frame.sample_rate != in_rate:
                     raise DecodeError(path, "sample rate changes mid-stream")

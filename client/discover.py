@@ -12,12 +12,31 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.errors import ConfigError
+from mert_indexer.errors import ConfigError
 
-AUDIO_SUFFIXES = frozenset({
-    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac",
-    ".aif", ".aiff", ".aifc", ".caf", ".w64", ".rf64", ".wma", ".webm", ".mka",
-})
+AUDIO_SUFFIXES = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".m4a",
+        ".mp4",
+        ".aac",
+        ".aif",
+        ".aiff",
+        ".aifc",
+        ".caf",
+        ".w64",
+        ".rf64",
+        ".wma",
+        ".webm",
+        ".mka",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +45,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         """``"i/N"`` with 0 <= i < N."""
         try:
             i, n = (int(p) for p in text.split("/"))

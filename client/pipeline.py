@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from client.contract import ModelContract
-from client.decode import decode_blocks
-from client.report import Progress, RunSummary
-from client.transport import BatchSender
-from client.windows import StreamWindower, to_wire
-from indexer.errors import DecodeError, IndexerError
+from mert_indexer.client.decode import decode_blocks
+from mert_indexer.client.report import Progress, RunSummary
+from mert_indexer.client.transport import BatchSender
+from mert_indexer.client.windows import StreamWindower, to_wire
+from mert_indexer.contract import ModelContract
+from mert_indexer.errors import DecodeError, IndexerError
 
 __all__ = ["Pipeline", "PipelineOptions", "RunSummary", "SkipTrack"]
 
@@ -85,8 +85,14 @@ class Pipeline:
     default soundfile/PyAV decoding; tests use it to inject failures.
     """
 
-    def __init__(self, contract: ModelContract, sender: BatchSender, store: Any,
-                 options: PipelineOptions, decoder: Decoder | None = None) -> None:
+    def __init__(
+        self,
+        contract: ModelContract,
+        sender: BatchSender,
+        store: Any,
+        options: PipelineOptions,
+        decoder: Decoder | None = None,
+    ) -> None:
         self.contract = contract
         self.sender = sender
         self.store = store
@@ -113,8 +119,7 @@ class Pipeline:
         files_q: queue.Queue[int] = queue.Queue()
         for i in range(len(paths)):
             files_q.put(i)
-        win_q: queue.Queue[tuple] = queue.Queue(
-            maxsize=opts.queue_windows or 2 * sender.batch_size)
+        win_q: queue.Queue[tuple] = queue.Queue(maxsize=opts.queue_windows or 2 * sender.batch_size)
         done_q: queue.Queue[tuple[list[tuple[int, int]], Future]] = queue.Queue()
         free_slots: queue.Queue[int] = queue.Queue()
         for s in range(sender.slots):
@@ -123,7 +128,7 @@ class Pipeline:
         decoder = self._decoder
         if decoder is None:
             if opts.pyav_processes:  # its processes start only if a file needs PyAV
-                from client.pyav_pool import PyAVPool
+                from mert_indexer.client.pyav_pool import PyAVPool
 
                 pyav = PyAVPool(opts.pyav_processes)
             fallback = pyav.blocks if pyav is not None else None
@@ -133,9 +138,15 @@ class Pipeline:
                 return decode_blocks(path, rate, fallback=fallback)
 
         n_workers = max(1, min(opts.decode_workers, len(paths)))
-        workers = [threading.Thread(target=self._decode_worker,
-                                    args=(decoder, files_q, win_q, paths),
-                                    name=f"decode-{n}", daemon=True) for n in range(n_workers)]
+        workers = [
+            threading.Thread(
+                target=self._decode_worker,
+                args=(decoder, files_q, win_q, paths),
+                name=f"decode-{n}",
+                daemon=True,
+            )
+            for n in range(n_workers)
+        ]
         executor = ThreadPoolExecutor(max_workers=sender.slots, thread_name_prefix="infer")
         progress = Progress(len(paths), sum(_size(p) for p in pending), opts.progress)
         slot: int | None = None  # the slot being filled
@@ -158,8 +169,10 @@ class Pipeline:
                 emb = fut.result()  # raises the request's error: the run stops
                 self._release(len(keys))
                 if len(emb) != len(keys):
-                    raise IndexerError(f"the server answered {len(emb)} embeddings for a "
-                                       f"request of {len(keys)} windows")
+                    raise IndexerError(
+                        f"the server answered {len(emb)} embeddings for a "
+                        f"request of {len(keys)} windows"
+                    )
                 for (t, k), e in zip(keys, emb, strict=True):
                     tr = tracks.get(t)
                     if tr is not None:  # None: the track failed after this batch left
@@ -167,8 +180,11 @@ class Pipeline:
                 progress.windows(len(keys))
                 for t in {t for t, _ in keys}:
                     tr = tracks.get(t)
-                    if tr is not None and tr.n_windows is not None \
-                            and len(tr.embeddings) == tr.n_windows:
+                    if (
+                        tr is not None
+                        and tr.n_windows is not None
+                        and len(tr.embeddings) == tr.n_windows
+                    ):
                         finish_track(t)
 
         def take_slot() -> int:
@@ -198,10 +214,13 @@ class Pipeline:
             nonlocal uncommitted
             tr = tracks.pop(i)
             emb = np.stack([tr.embeddings[k] for k in range(tr.n_windows or 0)])
-            self.store.add_track(tr.pending, n_samples=tr.n_samples,
-                                 sample_rate=contract.sample_rate,
-                                 starts=np.asarray(tr.starts, dtype=np.int64),
-                                 embeddings=emb.astype(np.float32, copy=False))
+            self.store.add_track(
+                tr.pending,
+                n_samples=tr.n_samples,
+                sample_rate=contract.sample_rate,
+                starts=np.asarray(tr.starts, dtype=np.int64),
+                embeddings=emb.astype(np.float32, copy=False),
+            )
             summary.indexed += 1
             summary.windows += len(emb)
             summary.audio_seconds += tr.n_samples / contract.sample_rate
@@ -210,8 +229,10 @@ class Pipeline:
 
         def maybe_commit(force: bool = False) -> None:
             nonlocal uncommitted, last_commit
-            due = uncommitted >= opts.commit_every_tracks or \
-                time.monotonic() - last_commit > opts.commit_every_seconds
+            due = (
+                uncommitted >= opts.commit_every_tracks
+                or time.monotonic() - last_commit > opts.commit_every_seconds
+            )
             if uncommitted and (force or due):
                 self.store.commit()
                 uncommitted = 0
@@ -295,8 +316,9 @@ class Pipeline:
         with self._held_lock:
             self._held -= n
 
-    def _decode_worker(self, decoder: Decoder, files_q: queue.Queue, win_q: queue.Queue,
-                       paths: list[str]) -> None:
+    def _decode_worker(
+        self, decoder: Decoder, files_q: queue.Queue, win_q: queue.Queue, paths: list[str]
+    ) -> None:
         try:
             while not self._stop.is_set():
                 try:
@@ -343,7 +365,8 @@ class Pipeline:
             raise SkipTrack(
                 f"shorter than one window ({windower.n_samples / c.sample_rate:.2f} s "
                 f"< {c.window_seconds:.2f} s): not indexed, since padding changes MERT's "
-                "embedding")
+                "embedding"
+            )
         if not sound:
             raise SkipTrack("digital silence: nothing to index")
         self._put(win_q, (_END, i, n, windower.n_samples))
@@ -371,4 +394,3 @@ def _size(pending: Any) -> int:
         return os.stat(pending.path).st_size
     except OSError:
         return 0
-

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from client.decode import NotForThisDecoder, _pyav_blocks
-from indexer.errors import DecodeError
+from mert_indexer.client.decode import NotForThisDecoder, _pyav_blocks
+from mert_indexer.errors import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ class PyAVPool:
         self._closed = False
         self.cpu_seconds = 0.0  # reported by workers that stopped in order
 
-
     @property
     def started(self) -> int:
         """Processes alive now (started lazily)."""
@@ -72,8 +71,10 @@ class PyAVPool:
                 except (EOFError, OSError):
                     worker.process.join(1.0)
                     code = worker.process.exitcode
-                    raise DecodeError(path, f"the PyAV decoder process died while reading this "
-                                            f"file (exit code {code})") from None
+                    raise DecodeError(
+                        path,
+                        f"the PyAV decoder process died while reading this file (exit code {code})",
+                    ) from None
                 tag = msg[:_TAG]
                 if tag == _DATA:
                     yield np.frombuffer(msg, dtype=np.float32, offset=_TAG)
@@ -150,8 +151,7 @@ def _context() -> Any:
 class _Worker:
     def __init__(self, ctx: Any) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True,
-                                   name="pyav-decoder")
+        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="pyav-decoder")
         self.process.start()
         child.close()
 

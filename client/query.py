@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from client.contract import ModelContract
-from client.decode import decode
-from client.windows import cut, to_wire
-from indexer.errors import QueryError
+from mert_indexer.client.decode import decode
+from mert_indexer.client.windows import cut, to_wire
+from mert_indexer.contract import ModelContract
+from mert_indexer.errors import QueryError
 
 DEFAULT_QUERY_HOP_SECONDS = 0.5
 
 
-def embed_clip(path: str | Path, contract: ModelContract,
-               infer: Callable[[np.ndarray], np.ndarray], *,
-               hop_seconds: float = DEFAULT_QUERY_HOP_SECONDS,
-               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def embed_clip(
+    path: str | Path,
+    contract: ModelContract,
+    infer: Callable[[np.ndarray], np.ndarray],
+    *,
+    hop_seconds: float = DEFAULT_QUERY_HOP_SECONDS,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (embeddings [m, D], window starts in seconds within the clip).
 
     A clip shorter than one window cannot be matched: MERT's embedding of a
@@ -28,7 +32,8 @@ def embed_clip(path: str | Path, contract: ModelContract,
     if len(audio) < contract.window_samples:
         raise QueryError(
             f"{path}: clip is {len(audio) / contract.sample_rate:.2f} s; queries need at "
-            f"least one full window ({contract.window_seconds:.2f} s)")
+            f"least one full window ({contract.window_seconds:.2f} s)"
+        )
     hop = max(1, round(hop_seconds * contract.sample_rate))
     starts, windows = cut(audio, contract.window_samples, hop)
     wire = to_wire(windows, contract.input_dtype)

@@ -85,8 +85,9 @@ class Progress:
 
     REFRESH_SECONDS = 0.5
 
-    def __init__(self, total_files: int, total_bytes: int, enabled: bool,
-                 file: IO[str] | None = None) -> None:
+    def __init__(
+        self, total_files: int, total_bytes: int, enabled: bool, file: IO[str] | None = None
+    ) -> None:
         self.bar: Any = None
         self.start = time.monotonic()
         self.total_bytes = max(1, total_bytes)
@@ -97,10 +98,14 @@ class Progress:
         if enabled and total_files:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_files, unit="file", dynamic_ncols=True,
-                            file=file or sys.stderr,
-                            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} files "
-                                       "[{elapsed}{postfix}]")
+            self.bar = tqdm(
+                total=total_files,
+                unit="file",
+                dynamic_ncols=True,
+                file=file or sys.stderr,
+                bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} files "
+                "[{elapsed}{postfix}]",
+            )
 
     def windows(self, n: int) -> None:
         self.n_windows += n
@@ -123,7 +128,9 @@ class Progress:
         eta = _clock(elapsed * (1 - frac) / frac) if frac > 0 else "?"
         self.bar.set_postfix_str(
             f"{self.n_windows / elapsed:.1f} win/s, {self.audio / elapsed:.0f}x realtime, "
-            f"ETA {eta}", refresh=False)
+            f"ETA {eta}",
+            refresh=False,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

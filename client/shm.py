@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import ConfigError
+from mert_indexer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ def create_regions(count: int, shape: tuple[int, ...], dtype: str) -> list[ShmRe
     except OSError as exc:
         for r in regions:
             r.close()
-        raise ConfigError(f"cannot create a {np.prod(shape) * np.dtype(dtype).itemsize} byte "
-                          f"shared-memory region in {SHM_DIR}: {exc.strerror}") from None
+        raise ConfigError(
+            f"cannot create a {np.prod(shape) * np.dtype(dtype).itemsize} byte "
+            f"shared-memory region in {SHM_DIR}: {exc.strerror}"
+        ) from None
     return regions
 
 

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIX_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"),
-                  ".ogg": ("OGG", "VORBIS"), ".mp3": ("MP3", "MPEG_LAYER_III")}
+SUFFIX_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+}
 
 
 def music(seconds: float, seed: int, sample_rate: int = 44_100, channels: int = 2) -> np.ndarray:
@@ -47,8 +51,9 @@ def music(seconds: float, seed: int, sample_rate: int = 44_100, channels: int = 
                 f = root * 2 ** (step / 12)
                 for h, amp in enumerate(timbre, start=1):
                     if f * h < sample_rate / 2:
-                        out[i0:i1] += 0.2 * amp * env * np.sin(2 * np.pi * f * h * tt
-                                                               + rng.uniform(0, 6))
+                        out[i0:i1] += (
+                            0.2 * amp * env * np.sin(2 * np.pi * f * h * tt + rng.uniform(0, 6))
+                        )
             pos += dur
         # Drums: kicks and noise hats in this section's own pattern.
         pattern = rng.random(8) < rng.uniform(0.2, 0.8)
@@ -60,10 +65,13 @@ def music(seconds: float, seed: int, sample_rate: int = 44_100, channels: int = 
                 break
             tt = np.arange(m) / sample_rate
             if k % 2 == 0:
-                out[i0:i0 + m] += 0.5 * np.sin(2 * np.pi * kick * tt * (1 + 2 * np.exp(-tt * 30))) \
+                out[i0 : i0 + m] += (
+                    0.5
+                    * np.sin(2 * np.pi * kick * tt * (1 + 2 * np.exp(-tt * 30)))
                     * np.exp(-tt * 18)
+                )
             if pattern[k % 8]:
-                out[i0:i0 + m] += 0.15 * rng.standard_normal(m) * np.exp(-tt * 60)
+                out[i0 : i0 + m] += 0.15 * rng.standard_normal(m) * np.exp(-tt * 60)
         section_start = section_end
     out += 0.003 * rng.standard_normal(n)
     out /= max(1e-9, np.abs(out).max()) / 0.8
@@ -84,10 +92,9 @@ def write(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
         fmt, subtype = SUFFIX_FORMATS[suffix]
         channels = audio.shape[1] if audio.ndim == 2 else 1
         # In blocks: one long write of Ogg/Vorbis crashes libsndfile 1.2.2.
-        with sf.SoundFile(str(path), "w", sample_rate, channels, format=fmt,
-                          subtype=subtype) as fh:
+        with sf.SoundFile(str(path), "w", sample_rate, channels, format=fmt, subtype=subtype) as fh:
             for i in range(0, len(audio), sample_rate):
-                fh.write(audio[i:i + sample_rate])
+                fh.write(audio[i : i + sample_rate])
         return path
     if suffix in (".m4a", ".aac", ".mp4"):
         _write_pyav(path, audio, sample_rate, "aac")
@@ -105,8 +112,9 @@ def _write_pyav(path: Path, audio: np.ndarray, sample_rate: int, codec: str) -> 
         frame_size = 1024
         planar = np.ascontiguousarray(data[:, :2].T.astype(np.float32))
         for i in range(0, planar.shape[1], frame_size):
-            frame = av.AudioFrame.from_ndarray(planar[:, i:i + frame_size], format="fltp",
-                                               layout=layout)
+            frame = av.AudioFrame.from_ndarray(
+                planar[:, i : i + frame_size], format="fltp", layout=layout
+            )
             frame.sample_rate = sample_rate
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -114,9 +122,15 @@ def _write_pyav(path: Path, audio: np.ndarray, sample_rate: int, codec: str) -> 
             container.mux(packet)
 
 
-def write_catalogue(folder: str | Path, count: int, *, seconds: tuple[float, float] = (20, 40),
-                    suffixes: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3"),
-                    seed: int = 0, sample_rate: int = 44_100) -> list[Path]:
+def write_catalogue(
+    folder: str | Path,
+    count: int,
+    *,
+    seconds: tuple[float, float] = (20, 40),
+    suffixes: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3"),
+    seed: int = 0,
+    sample_rate: int = 44_100,
+) -> list[Path]:
     """``count`` seeded tracks of varied length, cycling through ``suffixes``."""
     rng = np.random.default_rng(seed)
     paths = []

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from client.contract import ModelContract
-from client.triton_io import TritonPool
+from mert_indexer.client.triton_io import TritonPool
+from mert_indexer.contract import ModelContract
 
 
 class BatchSender(Protocol):
@@ -46,8 +46,10 @@ class GrpcSender:
         self.pool = pool
         self.slots = slots
         self.batch_size = batch_size
-        self._buffers = [np.zeros((batch_size, contract.window_samples), contract.input_dtype)
-                         for _ in range(slots)]
+        self._buffers = [
+            np.zeros((batch_size, contract.window_samples), contract.input_dtype)
+            for _ in range(slots)
+        ]
 
     def buffer(self, slot: int) -> np.ndarray:
         return self._buffers[slot]
@@ -66,14 +68,15 @@ class ShmSender:
     """Slots in system shared memory, registered once with every endpoint."""
 
     def __init__(self, pool: TritonPool, slots: int, batch_size: int) -> None:
-        from client.shm import create_regions
+        from mert_indexer.client.shm import create_regions
 
         contract = _contract(pool)
         self.pool = pool
         self.slots = slots
         self.batch_size = batch_size
-        self._regions = create_regions(slots, (batch_size, contract.window_samples),
-                                       contract.input_dtype)
+        self._regions = create_regions(
+            slots, (batch_size, contract.window_samples), contract.input_dtype
+        )
         self._lock = threading.Lock()
         try:
             pool.register_shm(self._regions)

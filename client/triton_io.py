@@ -26,22 +26,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.contract import ModelContract, config_from_json
-from indexer.errors import InferenceError, ModelContractError, ServerUnavailableError
+from mert_indexer.contract import ModelContract, config_from_json
+from mert_indexer.errors import InferenceError, ModelContractError, ServerUnavailableError
 
 if TYPE_CHECKING:
-    from client.shm import ShmRegion
+    from mert_indexer.client.shm import ShmRegion
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_STATUSES = frozenset({
-    "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
-    "StatusCode.ABORTED", "StatusCode.CANCELLED", "StatusCode.UNKNOWN",
-})
+TRANSIENT_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.ABORTED",
+        "StatusCode.CANCELLED",
+        "StatusCode.UNKNOWN",
+    }
+)
 # Triton answers a request for a model that is (re)loading with these.
 # "no available versions": the model is being unloaded (server shutting down or reloading).
-TRANSIENT_MESSAGES = ("is not ready", "not found", "Socket closed", "failed to connect",
-                      "has no available versions")
+TRANSIENT_MESSAGES = (
+    "is not ready",
+    "not found",
+    "Socket closed",
+    "failed to connect",
+    "has no available versions",
+)
 # A restarted server has forgotten our shared-memory registrations.
 SHM_FORGOTTEN = "Unable to find shared memory region"
 MAX_BACKOFF = 10.0
@@ -77,8 +88,8 @@ class _Endpoint:
         self.url = url
         use_ssl = options.ssl or options.ssl_ca is not None
         self.client = grpcclient.InferenceServerClient(
-            url, ssl=use_ssl,
-            root_certificates=str(options.ssl_ca) if options.ssl_ca else None)
+            url, ssl=use_ssl, root_certificates=str(options.ssl_ca) if options.ssl_ca else None
+        )
         self.instances = 1
         self.in_flight = 0
         self.failures = 0
@@ -172,13 +183,15 @@ class TritonPool:
             if c.fingerprint() != first.fingerprint() or c.input_dtype != first.input_dtype:
                 raise ModelContractError(
                     f"{url} serves a different model ({c.model_id}, {c.fingerprint()}) "
-                    f"than {first_url} ({first.model_id}, {first.fingerprint()})")
+                    f"than {first_url} ({first.model_id}, {first.fingerprint()})"
+                )
         cfg = configs[first_url]
         dyn = cfg.get("dynamic_batching")
         self.served = ServedModel(
             instances=tuple(e.instances for e in self._endpoints),
             max_batch_size=min(c.max_batch_size for c in contracts.values()),
-            dynamic_batching=dyn is not None)
+            dynamic_batching=dyn is not None,
+        )
         self.contract = first
         return first
 
@@ -197,7 +210,8 @@ class TritonPool:
             if remaining <= 0:
                 raise ServerUnavailableError(
                     f"{ep.url}: no ready model {name!r} within "
-                    f"{self.options.deadline_seconds:.0f} s ({last_error})")
+                    f"{self.options.deadline_seconds:.0f} s ({last_error})"
+                )
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
@@ -221,7 +235,8 @@ class TritonPool:
                 raise ServerUnavailableError(
                     f"{ep.url}: cannot register shared memory {r.key} "
                     f"({str(exc).splitlines()[0]}); is the server on this host, and in a "
-                    f"container started with --ipc=host? Use --no-shm otherwise") from None
+                    f"container started with --ipc=host? Use --no-shm otherwise"
+                ) from None
 
     def unregister_shm(self, timeout: float = 5.0) -> None:
         """Unregister our regions everywhere; errors are logged (the server may be gone).
@@ -276,8 +291,12 @@ class TritonPool:
                 inp = grpcclient.InferInput(contract.input_name, list(shape), contract.wire_dtype)
                 attach(inp)
                 out = grpcclient.InferRequestedOutput(contract.output_name)
-                result = ep.client.infer(contract.model_name, [inp], outputs=[out],
-                                         client_timeout=self.options.request_timeout)
+                result = ep.client.infer(
+                    contract.model_name,
+                    [inp],
+                    outputs=[out],
+                    client_timeout=self.options.request_timeout,
+                )
                 emb = result.as_numpy(contract.output_name)
                 with self._lock:
                     ep.failures = 0
@@ -290,8 +309,10 @@ class TritonPool:
                     renewed = True
                     try:
                         self._register_on(ep)
-                        log.warning("%s had forgotten our shared memory (restarted?); "
-                                    "registered it again", ep.url)
+                        log.warning(
+                            "%s had forgotten our shared memory (restarted?); registered it again",
+                            ep.url,
+                        )
                         continue
                     except ServerUnavailableError as reg_exc:
                         log.warning("%s", reg_exc)
@@ -299,18 +320,19 @@ class TritonPool:
                     raise InferenceError(f"{ep.url} refused the request: {first_line}") from None
                 with self._lock:
                     ep.failures += 1
-                    ep.rest_until = time.monotonic() + min(0.2 * 2 ** ep.failures, MAX_BACKOFF)
+                    ep.rest_until = time.monotonic() + min(0.2 * 2**ep.failures, MAX_BACKOFF)
                 previous = ep
                 if self._cancelled.is_set():
-                    raise ServerUnavailableError(f"{ep.url}: {first_line} (not retried: the "
-                                                 "run is stopping)") from None
+                    raise ServerUnavailableError(
+                        f"{ep.url}: {first_line} (not retried: the run is stopping)"
+                    ) from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServerUnavailableError(
                         f"no server answered within {self.options.deadline_seconds:.0f} s "
-                        f"(last: {ep.url}: {first_line})") from None
-                log.warning("%s: %s; retrying in %.1f s", ep.url, first_line,
-                            min(delay, remaining))
+                        f"(last: {ep.url}: {first_line})"
+                    ) from None
+                log.warning("%s: %s; retrying in %.1f s", ep.url, first_line, min(delay, remaining))
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, MAX_BACKOFF)
                 renewed = False
@@ -325,8 +347,9 @@ class TritonPool:
             candidates = [e for e in self._endpoints if e is not exclude and e.rest_until <= now]
             if not candidates:
                 candidates = [e for e in self._endpoints if e is not exclude] or self._endpoints
-            ep = min(candidates,
-                     key=lambda e: (e.in_flight / e.instances, e.rest_until, e.last_pick))
+            ep = min(
+                candidates, key=lambda e: (e.in_flight / e.instances, e.rest_until, e.last_pick)
+            )
             ep.in_flight += 1
             ep.last_pick = next(self._picks)
             return ep

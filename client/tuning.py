@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from client.triton_io import ServedModel
+from mert_indexer.client.triton_io import ServedModel
 
 DEFAULT_REQUEST_WINDOWS = 16
 MAX_SLOT_BYTES = 512 * 1024**2
@@ -44,9 +44,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 2
 
 
-def choose(served: ServedModel, window_bytes: int, *, cores: int | None = None,
-           workers: int | None = None, pyav_processes: int | None = None,
-           batch_size: int | None = None, in_flight: int | None = None) -> Sizing:
+def choose(
+    served: ServedModel,
+    window_bytes: int,
+    *,
+    cores: int | None = None,
+    workers: int | None = None,
+    pyav_processes: int | None = None,
+    batch_size: int | None = None,
+    in_flight: int | None = None,
+) -> Sizing:
     """The automatic sizing, with any explicit choice taking precedence."""
     cores = cores or usable_cores()
     decode_workers = workers or cores
@@ -58,6 +65,9 @@ def choose(served: ServedModel, window_bytes: int, *, cores: int | None = None,
         per_instance = max(2, math.ceil(2 * server_batch / batch_size))
         in_flight = sum(per_instance * n for n in served.instances)
         in_flight = max(1, min(in_flight, MAX_SLOT_BYTES // max(1, batch_size * window_bytes)))
-    return Sizing(decode_workers=decode_workers,
-                  pyav_processes=decode_workers if pyav_processes is None else pyav_processes,
-                  batch_size=batch_size, in_flight=in_flight)
+    return Sizing(
+        decode_workers=decode_workers,
+        pyav_processes=decode_workers if pyav_processes is None else pyav_processes,
+        batch_size=batch_size,
+        in_flight=in_flight,
+    )

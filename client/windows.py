@@ -36,8 +36,9 @@ def cut(audio: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, np.ndarra
     return starts, np.ascontiguousarray(frames)
 
 
-def stream_windows(blocks: Iterable[np.ndarray], window: int, hop: int
-                   ) -> Iterator[tuple[int, np.ndarray]]:
+def stream_windows(
+    blocks: Iterable[np.ndarray], window: int, hop: int
+) -> Iterator[tuple[int, np.ndarray]]:
     """Windows of a stream of blocks, as ``(start, window)``, in bounded memory.
 
     Yields exactly the windows :func:`window_starts` describes for the

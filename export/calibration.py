@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from export import synth
-from indexer.errors import ConfigError
+from mert_indexer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from client.contract import INPUT_NAME, OUTPUT_NAME
-from indexer.errors import ExportError
+from mert_indexer.contract import INPUT_NAME, OUTPUT_NAME
+from mert_indexer.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def export_module(module: Any, example: Any) -> Any:
                 external_data=False,
                 verbose=False,
             )
-    except Exception as exc:  # noqa: BLE001 - the exporter raises anything; one typed error
+    except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     finally:
         quiet.setLevel(level)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from client.contract import DEFAULT_SAMPLE_RATE
-from indexer.errors import ConfigError, ExportError, WeightsUnavailableError
+from mert_indexer.contract import DEFAULT_SAMPLE_RATE
+from mert_indexer.errors import ConfigError, ExportError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def fetch_from_hub(repo_id: str) -> Path:
             return download(local_only=True)
         except WeightsUnavailableError:
             raise
-        except Exception as exc:  # noqa: BLE001 - not in the local cache (whatever the reason): ask the hub
+        except Exception as exc:
             log.debug("%s not in the local hub cache: %s", repo_id, exc)
         unreachable = None if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
         try:
@@ -168,7 +168,7 @@ def fetch_from_hub(repo_id: str) -> Path:
             folder = download(local_only=False)
         except WeightsUnavailableError:
             raise
-        except Exception as exc:  # noqa: BLE001 - offline, DNS, auth, HTTP: all mean "not available here"
+        except Exception as exc:
             text = str(exc).strip()
             reason = text.splitlines()[0][:160] if text else type(exc).__name__
             if constants.HF_HUB_OFFLINE:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.contract import DEFAULT_WINDOW_SECONDS, MODEL_NAME
-from indexer.errors import ConfigError
+from mert_indexer.contract import DEFAULT_WINDOW_SECONDS, MODEL_NAME
+from mert_indexer.errors import ConfigError
 
 DEFAULT_HUB_MODEL = "m-a-p/MERT-v1-95M"
 HUB_MODELS = ("m-a-p/MERT-v1-95M", "m-a-p/MERT-v1-330M")

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from client.contract import INPUT_NAME
-from indexer.errors import ExportError
+from mert_indexer.contract import INPUT_NAME
+from mert_indexer.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def to_fp16(model: Any) -> Any:
             op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
             node_block_list=keep_nodes,
         )
-    except Exception as exc:  # noqa: BLE001 - the converter raises anything; one typed error
+    except Exception as exc:
         raise ExportError(f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -164,7 +164,7 @@ def to_int8_static(
         try:
             # Shape inference + graph cleanup so every MatMul/Conv is seen with its shapes.
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:  # noqa: BLE001 - optional step: quantise the raw graph instead
+        except Exception as exc:
             log.warning("quantisation pre-processing failed (%s); quantising the raw graph", exc)
             prepared = fp32_path
         import onnx
@@ -187,7 +187,7 @@ def to_int8_static(
                     "WeightSymmetric": True,
                 },
             )
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's tools raise anything; one typed error
+        except Exception as exc:
             raise ExportError(
                 f"static INT8 quantisation failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -207,6 +207,6 @@ def to_int8_dynamic(fp32_path: Path, out_path: Path) -> Path:
             per_channel=False,
             extra_options={"MatMulConstBOnly": True},
         )
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's tools raise anything; one typed error
+    except Exception as exc:
         raise ExportError(f"dynamic INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
     return out_path

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.contract import (
+from mert_indexer.atomic import atomic_write, fsync_dir
+from mert_indexer.contract import (
     CONTRACT_PARAMS,
     INPUT_NAME,
     NUMPY_TO_TRITON,
     OUTPUT_NAME,
     ModelContract,
 )
-from indexer.atomic import atomic_write, fsync_dir
-from indexer.errors import ConfigError, ExportError, ModelContractError
+from mert_indexer.errors import ConfigError, ExportError, ModelContractError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from client.contract import (
+from export import calibration, repo, synth, validate
+from export.options import POOLING, ExportOptions, parse_layer_spec
+from mert_indexer.contract import (
     CONTRACT_VERSION,
     P_CONTRACT_VERSION,
     P_EMBEDDING_DIM,
@@ -30,9 +32,7 @@ from client.contract import (
     P_WINDOW_SAMPLES,
     format_layers,
 )
-from export import calibration, repo, synth, validate
-from export.options import POOLING, ExportOptions, parse_layer_spec
-from indexer.errors import ConfigError, ValidationError
+from mert_indexer.errors import ConfigError, ValidationError
 
 log = logging.getLogger(__name__)
 

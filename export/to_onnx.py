@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from client.contract import DEFAULT_WINDOW_SECONDS, MODEL_NAME  # noqa: E402
 from export.options import (  # noqa: E402
     DEFAULT_CALIBRATION_WINDOWS,
     DEFAULT_HUB_MODEL,
@@ -30,7 +29,8 @@ from export.options import (  # noqa: E402
     SIZES,
     ExportOptions,
 )
-from indexer.errors import IndexerError  # noqa: E402
+from mert_indexer.contract import DEFAULT_WINDOW_SECONDS, MODEL_NAME  # noqa: E402
+from mert_indexer.errors import IndexerError  # noqa: E402
 
 DESCRIPTION = """\
 Export MERT (a HuBERT-architecture music model) to ONNX with per-window

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from client.contract import INPUT_NAME, OUTPUT_NAME
-from indexer.errors import ValidationError
+from mert_indexer.contract import INPUT_NAME, OUTPUT_NAME
+from mert_indexer.errors import ValidationError
 
 log = logging.getLogger(__name__)
 

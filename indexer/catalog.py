@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from indexer.errors import StoreError
+from mert_indexer.errors import StoreError
 
 SCHEMA_VERSION = 1
 

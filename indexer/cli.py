@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from indexer.errors import IndexerError
-from indexer.merge import merge_stores
+from mert_indexer.errors import IndexerError
+from mert_indexer.indexer.merge import merge_stores
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:

@@ -67,9 +67,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.atomic import atomic_write, atomic_write_text, fsync_dir
-from indexer.errors import StoreError
-from indexer.segments import SegmentReader
+from mert_indexer.atomic import atomic_write, atomic_write_text, fsync_dir
+from mert_indexer.errors import StoreError
+from mert_indexer.indexer.segments import SegmentReader
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _null_similarity(
     For a seeded sample of indexed windows, the best exact similarity to a
     window of another track; returns its ``quantile`` (``None`` with fewer
     than two tracks). A clip of an un-indexed track meets the catalogue the
-    same way, so evidence only counts above this level (:mod:`indexer.search`).
+    same way, so evidence only counts above this level (:mod:`mert_indexer.indexer.search`).
     A copy of the same music under another path (another encoding, another
     album) must not set the floor: when the best other track also matches the
     sampled window's neighbour at the same offset, it is taken for a copy and
@@ -381,7 +381,10 @@ def _write_generation(
     try:
         firsts = np.cumsum([0] + [r.n_windows for r in runs])[:-1]
         table = np.array(
-            [(f, r.segment, r.first_row, r.n_windows, r.track_id) for f, r in zip(firsts, runs)],
+            [
+                (f, r.segment, r.first_row, r.n_windows, r.track_id)
+                for f, r in zip(firsts, runs, strict=True)
+            ],
             np.int64,
         ).reshape(-1, len(RUN_COLUMNS))
         with atomic_write(tmp / "runs.npy") as fh:
@@ -591,7 +594,10 @@ class LoadedIndex:
         raw = self.segments.gather(segs, rows)  # float32, neither centred nor normalised
         ends = np.cumsum(valid.sum(axis=1))  # rows of ``raw`` are grouped by query, in order
         dots = np.concatenate(
-            [raw[e - c : e] @ q[i] for i, (e, c) in enumerate(zip(ends, valid.sum(axis=1)))]
+            [
+                raw[e - c : e] @ q[i]
+                for i, (e, c) in enumerate(zip(ends, valid.sum(axis=1), strict=True))
+            ]
         ) - np.repeat(q @ self.mean, valid.sum(axis=1))
         norms = self.norms[ids]
         sims = np.full(cand.shape, -np.inf, np.float32)

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from indexer.errors import ModelMismatchError, StoreError
-from indexer.faiss_index import IndexOptions
-from indexer.store import IndexStore, IngestPlan, PendingFile, identity_differences
+from mert_indexer.errors import ModelMismatchError, StoreError
+from mert_indexer.indexer.faiss_index import IndexOptions
+from mert_indexer.indexer.store import IndexStore, IngestPlan, PendingFile, identity_differences
 
 log = logging.getLogger(__name__)
 

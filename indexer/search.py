@@ -7,7 +7,7 @@ window within half a hop of it -- a near-duplicate of it -- while the other
 clip windows only partly overlap indexed windows. The search is built on that:
 
 1. each clip window asks for its ``k`` nearest indexed windows (cosine around
-   the catalogue mean, see :mod:`indexer.faiss_index`);
+   the catalogue mean, see :mod:`mert_indexer.indexer.faiss_index`);
 2. a hit's *evidence* is how far its similarity stands above a background, on
    the way to 1: ``e = (sim - b) / (1 - b)``, clipped to [0, 1]. The background
    ``b`` of a clip window is the higher of (a) the best similarity of its 3rd
@@ -62,9 +62,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.errors import QueryError
-from indexer.faiss_index import INDEX_DIR, LoadedIndex, track_rank_similarity
-from indexer.store import SEGMENTS_DIR
+from mert_indexer.errors import QueryError
+from mert_indexer.indexer.faiss_index import INDEX_DIR, LoadedIndex, track_rank_similarity
+from mert_indexer.indexer.store import SEGMENTS_DIR
 
 DEFAULT_MIN_SCORE = 0.6
 
@@ -91,7 +91,7 @@ class SearchOptions:
 class Searcher:
     """Loads the built index of ``index_dir`` once and answers queries. Not thread-safe.
 
-    Raises :class:`indexer.errors.StoreError` when no index has been built.
+    Raises :class:`mert_indexer.errors.StoreError` when no index has been built.
     """
 
     def __init__(

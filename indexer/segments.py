@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.atomic import fsync_dir
+from mert_indexer.atomic import fsync_dir
 
 VECTOR_DTYPE = np.dtype("<f2")
 START_DTYPE = np.dtype("<i8")
@@ -151,7 +151,7 @@ class SegmentReader:
         return mm
 
     def _map(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        from indexer.errors import StoreError
+        from mert_indexer.errors import StoreError
 
         need = int(np.prod(shape)) * dtype.itemsize
         try:

@@ -19,7 +19,7 @@ indexed and embeds it again: no half track, no duplicate, no gap.
 
 Not thread-safe: one thread adds and commits (the client's writer stage). One
 process at a time may hold a store open for writing (``LOCK``); readers
-(``identity=None``, :class:`indexer.search.Searcher`) need no lock.
+(``identity=None``, :class:`mert_indexer.indexer.search.Searcher`) need no lock.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from indexer import faiss_index
-from indexer.catalog import SCHEMA_VERSION, Catalog, TrackRow
-from indexer.errors import ModelMismatchError, StoreError
-from indexer.hashing import HASH_ALGORITHM, content_hash
-from indexer.segments import (
+from mert_indexer.errors import ModelMismatchError, StoreError
+from mert_indexer.indexer import faiss_index
+from mert_indexer.indexer.catalog import SCHEMA_VERSION, Catalog, TrackRow
+from mert_indexer.indexer.hashing import HASH_ALGORITHM, content_hash
+from mert_indexer.indexer.segments import (
     DEFAULT_SEGMENT_BYTES,
     START_DTYPE,
     VECTOR_DTYPE,

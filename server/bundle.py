@@ -17,7 +17,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.errors import ServerStartError
+from mert_indexer.errors import ServerStartError
 
 STUB_NAME = "triton_python_backend_stub"
 
@@ -75,9 +75,11 @@ def prepare_backends(bundle: TritonBundle, dest: Path) -> Path:
         )
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    for src in (bundle.python_backend / "libtriton_python.so",
-                bundle.python_backend / "triton_python_backend_utils.py",
-                stub):
+    for src in (
+        bundle.python_backend / "libtriton_python.so",
+        bundle.python_backend / "triton_python_backend_utils.py",
+        stub,
+    ):
         shutil.copy2(src, python_dir / src.name)
     return dest
 
@@ -106,9 +108,14 @@ def missing_libraries(binary: Path, ld_library_path: str) -> list[str]:
     if ldd is None:
         return []
     try:
-        out = subprocess.run([ldd, str(binary)], check=False, capture_output=True, text=True,
-                             timeout=30,
-                             env={**os.environ, "LD_LIBRARY_PATH": ld_library_path}).stdout
+        out = subprocess.run(
+            [ldd, str(binary)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "LD_LIBRARY_PATH": ld_library_path},
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]

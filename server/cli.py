@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from indexer.errors import IndexerError
-from server.launcher import LocalTriton, ServeOptions, describe_exit
+from mert_indexer.errors import IndexerError
+from mert_indexer.server.launcher import LocalTriton, ServeOptions, describe_exit
 
 log = logging.getLogger("indexer-serve")
 
@@ -29,25 +29,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="indexer-serve",
         description="Serve model_repository/ with the bundled Triton server (Python backend + "
-                    "ONNX Runtime), with the same batcher and instance settings as the GPU config.",
+        "ONNX Runtime), with the same batcher and instance settings as the GPU config.",
     )
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"),
-                   help="model repository root (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: loopback only; 0.0.0.0 to expose)")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="model repository root (default: %(default)s)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback only; 0.0.0.0 to expose)",
+    )
     p.add_argument("--grpc-port", type=_port, default=8001)
     p.add_argument("--http-port", type=_port, default=8000)
     p.add_argument("--metrics-port", type=_port, default=8002)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="ONNX Runtime device (default: cuda when available)")
-    p.add_argument("--ready-timeout", type=float, default=180.0,
-                   help="seconds to wait for the models to load and warm up (default: %(default)s)")
-    p.add_argument("--log-file", type=Path, help="write the server log here (default: a temp file, "
-                                                 "kept and named when the server fails)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="ONNX Runtime device (default: cuda when available)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for the models to load and warm up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        help="write the server log here (default: a temp file, "
+        "kept and named when the server fails)",
+    )
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
-    p.add_argument("--backend-directory", type=Path,
-                   help="a prepared Triton backend directory (python/ with libtriton_python.so "
-                        "and the stub) instead of the bundled one")
+    p.add_argument(
+        "--backend-directory",
+        type=Path,
+        help="a prepared Triton backend directory (python/ with libtriton_python.so "
+        "and the stub) instead of the bundled one",
+    )
     p.add_argument("--ssl-cert", type=Path, help="PEM server certificate: serve gRPC over TLS")
     p.add_argument("--ssl-key", type=Path, help="PEM private key for --ssl-cert")
     p.add_argument("-q", "--quiet", action="store_true", help="only the ready line and errors")
@@ -71,13 +93,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ssl-cert and --ssl-key go together")
     if args.ready_timeout <= 0:
         parser.error("--ready-timeout must be positive")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     options = ServeOptions(
-        model_repository=args.model_repository, host=args.host, grpc_port=args.grpc_port,
-        http_port=args.http_port, metrics_port=args.metrics_port, device=args.device,
-        ready_timeout=args.ready_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
-        ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, backend_directory=args.backend_directory,
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        device=args.device,
+        ready_timeout=args.ready_timeout,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+        ssl_cert=args.ssl_cert,
+        ssl_key=args.ssl_key,
+        backend_directory=args.backend_directory,
     )
     server = LocalTriton(options)
 
@@ -93,15 +125,27 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         for m in server.models:
             c = m.contract
-            log.info("serving %s: %s, %d-dim, %.1f s windows at %d Hz, %s, %d instance(s)",
-                     m.name, c.model_id, c.embedding_dim, c.window_seconds, c.sample_rate,
-                     c.precision, m.instances)
-        print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-              f"metrics {server.metrics_url}", flush=True)
+            log.info(
+                "serving %s: %s, %d-dim, %.1f s windows at %d Hz, %s, %d instance(s)",
+                m.name,
+                c.model_id,
+                c.embedding_dim,
+                c.window_seconds,
+                c.sample_rate,
+                c.precision,
+                m.instances,
+            )
+        print(
+            f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
+            flush=True,
+        )
         code = server.wait()
         # The server stopped without being asked to.
-        print(f"indexer-serve: error: tritonserver {describe_exit(code)}: "
-              f"{server.log_excerpt()} (full log: {server.log_path})", file=sys.stderr)
+        print(
+            f"indexer-serve: error: tritonserver {describe_exit(code)}: "
+            f"{server.log_excerpt()} (full log: {server.log_path})",
+            file=sys.stderr,
+        )
         server.stop(keep_log=True)
         return 1
     except _Stop as stop:

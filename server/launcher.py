@@ -27,9 +27,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.errors import ServerStartError
-from server import local_repo, preflight
-from server.bundle import check_stub_loads, find_bundle, library_path, prepare_backends
+from mert_indexer.errors import ServerStartError
+from mert_indexer.server import local_repo, preflight
+from mert_indexer.server.bundle import check_stub_loads, find_bundle, library_path, prepare_backends
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,30 @@ log = logging.getLogger(__name__)
 # whether Triton exits by itself after it (else it waits for the stub forever).
 # The first that matches a line names the cause, so the specific come before the general.
 FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str, bool], ...] = (
-    (re.compile(r"Unable to find '[^']*stub'|stub is not found"),
-     "the Python backend stub is missing", True),
-    (re.compile(r"error while loading shared libraries"),
-     "the Python backend stub cannot start (wrong stub, or a shared library is missing)", False),
+    (
+        re.compile(r"Unable to find '[^']*stub'|stub is not found"),
+        "the Python backend stub is missing",
+        True,
+    ),
+    (
+        re.compile(r"error while loading shared libraries"),
+        "the Python backend stub cannot start (wrong stub, or a shared library is missing)",
+        False,
+    ),
     (re.compile(r"failed to load '([^']*)' version (\d+): "), "model '{0}' failed to load", True),
-    (re.compile(r"'[^']*:(\d+)'.*Address already in use"),
-     ("port {0} was taken by another process after the start-up check (start again, or "
-      "choose other ports)"), True),
-    (re.compile(r"failed to start [A-Za-z]+ service|already in use"),
-     "a server endpoint failed to start", True),
+    (
+        re.compile(r"'[^']*:(\d+)'.*Address already in use"),
+        (
+            "port {0} was taken by another process after the start-up check (start again, or "
+            "choose other ports)"
+        ),
+        True,
+    ),
+    (
+        re.compile(r"failed to start [A-Za-z]+ service|already in use"),
+        "a server endpoint failed to start",
+        True,
+    ),
 )
 # Error lines that every start on a machine without a GPU logs.
 BENIGN_ERRORS = (re.compile(r"CudaDriverHelper has not been initialized"),)
@@ -174,13 +188,13 @@ class _LogWatch:
     def _line(self, line: str, *, is_error: bool) -> None:
         if not line or line[0] in "+|":  # Triton's option tables
             return
-        self.tail = (self.tail + [line])[-3:]
-        if (m := LOADING.search(line)):
+        self.tail = ([*self.tail, line])[-3:]
+        if m := LOADING.search(line):
             self.loading[m.group(1)] = m.group(2)
-        elif (m := LOADED.search(line)):
+        elif m := LOADED.search(line):
             self.loading.pop(m.group(1), None)
         if is_error and not any(p.search(line) for p in BENIGN_ERRORS):
-            self.errors = (self.errors + [line])[-3:]
+            self.errors = ([*self.errors, line])[-3:]
         for pattern, meaning, exits in FATAL_PATTERNS:
             if not self.fatal and (m := pattern.search(line)):
                 self.exits = exits
@@ -188,7 +202,7 @@ class _LogWatch:
                     self.fatal = meaning.format(*m.groups())
                     break
                 # "model 'x' failed to load" is said already: keep only Triton's reason.
-                detail = line[m.end():] if m.groups() else line
+                detail = line[m.end() :] if m.groups() else line
                 self.fatal = f"{meaning.format(*m.groups())}: {_first_line(detail)}"
                 break
 
@@ -250,9 +264,14 @@ class LocalTriton:
             raise ServerStartError("this server is already running")
         opts = self.options
         self._keep_log = False
-        preflight.check_ports(opts.host, {"--grpc-port": opts.grpc_port,
-                                          "--http-port": opts.http_port,
-                                          "--metrics-port": opts.metrics_port})
+        preflight.check_ports(
+            opts.host,
+            {
+                "--grpc-port": opts.grpc_port,
+                "--http-port": opts.http_port,
+                "--metrics-port": opts.metrics_port,
+            },
+        )
         bundle = find_bundle()
         provider = resolve_provider(opts.device)
         self._workdir = Path(tempfile.mkdtemp(prefix="indexer-serve-"))
@@ -271,17 +290,24 @@ class LocalTriton:
                 str(bundle.binary),
                 f"--model-repository={repo}",
                 f"--backend-directory={backends}",
-                f"--grpc-address={opts.host}", f"--grpc-port={opts.grpc_port}",
-                f"--http-address={opts.host}", f"--http-port={opts.http_port}",
-                f"--metrics-address={opts.host}", f"--metrics-port={opts.metrics_port}",
+                f"--grpc-address={opts.host}",
+                f"--grpc-port={opts.grpc_port}",
+                f"--http-address={opts.host}",
+                f"--http-port={opts.http_port}",
+                f"--metrics-address={opts.host}",
+                f"--metrics-port={opts.metrics_port}",
                 # GPU metrics go through DCGM, which the bundle cannot count on; nvidia-smi can.
-                "--allow-metrics=true", "--allow-gpu-metrics=false",
+                "--allow-metrics=true",
+                "--allow-gpu-metrics=false",
                 f"--log-verbose={opts.log_verbose}",
                 "--exit-timeout-secs=10",
             ]
             if opts.ssl_cert and opts.ssl_key:
-                cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={opts.ssl_cert}",
-                        f"--grpc-server-key={opts.ssl_key}"]
+                cmd += [
+                    "--grpc-use-ssl=true",
+                    f"--grpc-server-cert={opts.ssl_cert}",
+                    f"--grpc-server-key={opts.ssl_key}",
+                ]
             env = dict(os.environ)
             # The stub runs the first python3 on PATH: make it this interpreter's environment.
             env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -290,11 +316,14 @@ class LocalTriton:
             in_main = threading.current_thread() is threading.main_thread()
             with open(self._log_path, "ab") as log_fh:
                 self.process = subprocess.Popen(
-                    cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cmd,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     env=env,
                     start_new_session=True,  # its own group: Ctrl-C reaches us, we stop it in order
                     # The death signal follows the forking thread: only tie it to the main one.
-                    preexec_fn=_die_with_parent if (_PRCTL and in_main) else None,  # noqa: PLW1509
+                    preexec_fn=_die_with_parent if (_PRCTL and in_main) else None,
                 )
             self._wait_ready()
         except BaseException as exc:
@@ -314,19 +343,25 @@ class LocalTriton:
                 reason = watch.fatal or watch.excerpt()
                 raise ServerStartError(
                     f"tritonserver {describe_exit(code)} before it was ready: {reason}"
-                    f"{self._log_hint()}")
+                    f"{self._log_hint()}"
+                )
             if watch.fatal:
                 # Triton exits by itself once loading is over (1 when a model failed);
                 # give it a moment so that the message can say so, then stop it.
                 try:
                     self.process.wait(timeout=FATAL_EXIT_GRACE if watch.exits else 0.5)
                 except subprocess.TimeoutExpired:
-                    raise ServerStartError(f"tritonserver cannot start: {watch.fatal}"
-                                           f"{self._log_hint()}") from None
+                    raise ServerStartError(
+                        f"tritonserver cannot start: {watch.fatal}{self._log_hint()}"
+                    ) from None
                 continue
             if self.is_ready():
-                log.info("tritonserver ready: gRPC %s, HTTP %s, metrics %s",
-                         self.grpc_url, self.http_url, self.metrics_url)
+                log.info(
+                    "tritonserver ready: gRPC %s, HTTP %s, metrics %s",
+                    self.grpc_url,
+                    self.http_url,
+                    self.metrics_url,
+                )
                 return
             if time.monotonic() > deadline:
                 loading = watch.still_loading()
@@ -335,7 +370,8 @@ class LocalTriton:
                     f"tritonserver not ready after {timeout:g} s ({state}), stopped it: "
                     f"a wrong Python backend stub or a missing shared library makes loading "
                     f"wait forever; a slow model needs a longer --ready-timeout; last log: "
-                    f"{watch.excerpt()}{self._log_hint()}")
+                    f"{watch.excerpt()}{self._log_hint()}"
+                )
             time.sleep(0.2)
 
     def _log_hint(self) -> str:
@@ -407,7 +443,7 @@ class LocalTriton:
             with contextlib.suppress(OSError):
                 self._log_path.unlink()
 
-    def __enter__(self) -> LocalTriton:  # noqa: PYI034 (no typing.Self before 3.11)
+    def __enter__(self) -> LocalTriton:
         self.start()
         return self
 

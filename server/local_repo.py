@@ -15,9 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.contract import ModelContract, dump_config, load_config
-from indexer.atomic import atomic_write_text
-from indexer.errors import ConfigError
+from mert_indexer.atomic import atomic_write_text
+from mert_indexer.contract import ModelContract, dump_config, load_config
+from mert_indexer.errors import ConfigError
 
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 ONNX_FILE = "model.onnx"
@@ -47,8 +47,10 @@ def find_models(repository: Path) -> list[Path]:
 
 
 def latest_version(model_dir: Path) -> Path:
-    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-                      key=lambda p: int(p.name))
+    versions = sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
     for version in reversed(versions):
         if (version / ONNX_FILE).is_file():
             return version / ONNX_FILE
@@ -58,8 +60,9 @@ def latest_version(model_dir: Path) -> Path:
     )
 
 
-def derive(repository: Path, dest: Path, *, provider: str = "cpu",
-           cpu_count: int | None = None) -> list[LocalModel]:
+def derive(
+    repository: Path, dest: Path, *, provider: str = "cpu", cpu_count: int | None = None
+) -> list[LocalModel]:
     """Write the Python-backend twin of every model in ``repository`` to ``dest``."""
     from tritonclient.grpc import model_config_pb2 as mc
 

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from indexer.errors import ConfigError, ServerStartError
+from mert_indexer.errors import ConfigError, ServerStartError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,16 @@ def free_port() -> int:
 
 def export_tiny(output: Path, *extra: str) -> Path:
     """Run the real exporter on the tiny random-init model into ``output``."""
-    cmd = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--random-init", "--size", "tiny",
-           "--output", str(output), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "export" / "to_onnx.py"),
+        "--random-init",
+        "--size",
+        "tiny",
+        "--output",
+        str(output),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return output
@@ -35,16 +43,23 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def serve_options(repo: Path, **kw):
-    from server.launcher import ServeOptions
+    from mert_indexer.server.launcher import ServeOptions
 
-    return ServeOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
-                        metrics_port=free_port(), device="cpu", ready_timeout=120, **kw)
+    return ServeOptions(
+        model_repository=repo,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        device="cpu",
+        ready_timeout=120,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="session")
 def triton(tiny_repo: Path):
     """The bundled Triton server serving the tiny model (one per test session)."""
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     server = LocalTriton(serve_options(tiny_repo))
     server.start()
@@ -55,21 +70,27 @@ def triton(tiny_repo: Path):
 @pytest.fixture(scope="session")
 def catalogue(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Six generated tracks, 16-30 s, in wav, flac, ogg and mp3."""
-    from client.synth import write_catalogue
+    from mert_indexer.client.synth import write_catalogue
 
     return write_catalogue(tmp_path_factory.mktemp("originals"), 6, seconds=(16, 30))
 
 
-def run_cli(name: str, *args: str, timeout: float = 600, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    name: str, *args: str, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts."""
-    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def window_set(index: Path) -> list[tuple[str, int]]:
     """Every committed (track path, window start) of the store at ``index``, sorted."""
-    from indexer.store import IndexStore
+    from mert_indexer.indexer.store import IndexStore
 
     with IndexStore.open(index, None, create=False) as store:
         return sorted((t.path, int(s)) for t, starts, _ in store.iter_windows() for s in starts)

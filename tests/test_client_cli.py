@@ -8,17 +8,17 @@ import shutil
 
 import pytest
 
-from client.report import RunSummary, display, summary_lines
-from client.synth import music, write
-from client.triton_io import ConnectOptions, TritonPool
-from indexer.errors import ModelContractError
+from mert_indexer.client.report import RunSummary, display, summary_lines
+from mert_indexer.client.synth import music, write
+from mert_indexer.client.triton_io import ConnectOptions, TritonPool
+from mert_indexer.errors import ModelContractError
 from tests.conftest import export_tiny, run_cli, serve_options
 
 
 @pytest.fixture(scope="module")
 def second_server(tiny_repo):
     """Another bundled Triton serving the same tiny model."""
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     with LocalTriton(serve_options(tiny_repo)) as server:
         yield server
@@ -27,7 +27,7 @@ def second_server(tiny_repo):
 @pytest.fixture(scope="module")
 def other_model_server(tmp_path_factory):
     """A Triton serving a tiny model with different weights (--seed 1)."""
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     repo = export_tiny(tmp_path_factory.mktemp("seed1") / "model_repository", "--seed", "1")
     with LocalTriton(serve_options(repo)) as server:
@@ -47,10 +47,23 @@ def inference_count(server) -> int:
 
 def test_two_servers_share_the_load(triton, second_server, catalogue, tmp_path):
     before = (inference_count(triton), inference_count(second_server))
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--server",
-                   second_server.grpc_url, "--input", str(catalogue[0].parent),
-                   "--index", str(tmp_path / "idx"), "--no-progress", "--no-build",
-                   "--batch-size", "2", "--in-flight", "4")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--server",
+        second_server.grpc_url,
+        "--input",
+        str(catalogue[0].parent),
+        "--index",
+        str(tmp_path / "idx"),
+        "--no-progress",
+        "--no-build",
+        "--batch-size",
+        "2",
+        "--in-flight",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr
     first = inference_count(triton) - before[0]
     second = inference_count(second_server) - before[1]
@@ -60,8 +73,9 @@ def test_two_servers_share_the_load(triton, second_server, catalogue, tmp_path):
 
 
 def test_servers_with_different_models_are_refused(triton, other_model_server):
-    pool = TritonPool(ConnectOptions(servers=(triton.grpc_url, other_model_server.grpc_url),
-                                     deadline_seconds=30))
+    pool = TritonPool(
+        ConnectOptions(servers=(triton.grpc_url, other_model_server.grpc_url), deadline_seconds=30)
+    )
     try:
         with pytest.raises(ModelContractError, match="serves a different model"):
             pool.connect()
@@ -71,17 +85,34 @@ def test_servers_with_different_models_are_refused(triton, other_model_server):
 
 def test_index_of_another_model_is_refused(triton, other_model_server, catalogue, tmp_path):
     index = tmp_path / "idx"
-    first = run_cli("indexer-client", "--server", triton.grpc_url, "--input",
-                    str(catalogue[0]), "--index", str(index), "--no-progress")
+    first = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(catalogue[0]),
+        "--index",
+        str(index),
+        "--no-progress",
+    )
     assert first.returncode == 0, first.stderr
     snapshot = {p.name: p.stat().st_size for p in index.rglob("*") if p.is_file()}
-    proc = run_cli("indexer-client", "--server", other_model_server.grpc_url, "--input",
-                   str(catalogue[1]), "--index", str(index), "--no-progress")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        other_model_server.grpc_url,
+        "--input",
+        str(catalogue[1]),
+        "--index",
+        str(index),
+        "--no-progress",
+    )
     assert proc.returncode == 1
     assert "built by another model" in proc.stderr and "weights_sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert {p.name: p.stat().st_size for p in index.rglob("*") if p.is_file()
-            if p.name != "LOCK"} == {k: v for k, v in snapshot.items() if k != "LOCK"}
+    assert {
+        p.name: p.stat().st_size for p in index.rglob("*") if p.is_file() if p.name != "LOCK"
+    } == {k: v for k, v in snapshot.items() if k != "LOCK"}
 
 
 def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_path):
@@ -93,8 +124,16 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
     (folder / "dir.mp3").mkdir()
     weird = os.fsdecode(b"caf\xe9 \xff.wav")  # not UTF-8: surrogate escapes in Python
     shutil.copy(catalogue[0], folder / weird)
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(folder),
-                   "--index", str(tmp_path / "idx"), "--no-progress")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(folder),
+        "--index",
+        str(tmp_path / "idx"),
+        "--no-progress",
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert "indexed 1 track(s)" in proc.stdout
@@ -108,16 +147,22 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
 
 
 def test_bad_flag_combinations_are_rejected():
-    for args, message in [(["--workers", "0"], "--workers must be at least 1"),
-                          (["--shm", "--server", "192.0.2.1:8001"], "--shm needs every server"),
-                          (["--hop-seconds", "-1"], "--hop-seconds must be positive")]:
+    for args, message in [
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--shm", "--server", "192.0.2.1:8001"], "--shm needs every server"),
+        (["--hop-seconds", "-1"], "--hop-seconds must be positive"),
+    ]:
         proc = run_cli("indexer-client", "--input", ".", *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_summary_lines_escape_undecodable_names():
-    s = RunSummary(indexed=2, audio_seconds=7200.0, wall_seconds=60.0,
-                   failed=[(os.fsdecode(b"/x/\xff.mp3"), "boom")])
+    s = RunSummary(
+        indexed=2,
+        audio_seconds=7200.0,
+        wall_seconds=60.0,
+        failed=[(os.fsdecode(b"/x/\xff.mp3"), "boom")],
+    )
     out, err = summary_lines(s)
     assert "2.00 h of audio" in out[0] and "120x realtime" in out[0] and "120 tracks/hour" in out[0]
     assert err[0] == "failed: /x/\\xff.mp3: boom"

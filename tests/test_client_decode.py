@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client import decode as dec
-from client.pyav_pool import PyAVPool
-from client.synth import music, write
-from client.windows import StreamWindower, cut, to_wire
-from indexer.errors import DecodeError
+from mert_indexer.client import decode as dec
+from mert_indexer.client.pyav_pool import PyAVPool
+from mert_indexer.client.synth import music, write
+from mert_indexer.client.windows import StreamWindower, cut, to_wire
+from mert_indexer.errors import DecodeError
 
 SR = 24_000
 
@@ -83,7 +83,7 @@ def test_channel_average_is_the_mean(channels):
 def test_converting_blocks_equals_converting_windows(hop):
     """The pipeline converts decoded blocks to int16 before windowing: same windows."""
     audio = (np.random.default_rng(0).standard_normal(1000) * 0.3).astype(np.float32)
-    blocks = [audio[i:i + 97] for i in range(0, len(audio), 97)]
+    blocks = [audio[i : i + 97] for i in range(0, len(audio), 97)]
     got = list(StreamWindower(120, hop).run(to_wire(b, "int16") for b in blocks))
     starts, windows = cut(audio, 120, hop)
     assert [s for s, _ in got] == starts.tolist()
@@ -97,11 +97,14 @@ def _cut(path):
     return path
 
 
-@pytest.mark.parametrize("suffix, reason", [
-    (".mp3", "truncated: the header promises 20.0 s, the stream ends at"),
-    (".ogg", "truncated: the Ogg stream has no end-of-stream page"),
-    (".flac", "decoding failed mid-stream"),
-])
+@pytest.mark.parametrize(
+    "suffix, reason",
+    [
+        (".mp3", "truncated: the header promises 20.0 s, the stream ends at"),
+        (".ogg", "truncated: the Ogg stream has no end-of-stream page"),
+        (".flac", "decoding failed mid-stream"),
+    ],
+)
 def test_cut_files_are_reported_not_indexed_short(tmp_path, suffix, reason):
     path = _cut(write(tmp_path / f"cut{suffix}", music(20.0, seed=21), 44_100))
     with pytest.raises(DecodeError, match=reason):
@@ -122,9 +125,13 @@ def test_unreadable_paths_say_why(tmp_path):
     (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
     (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
     os.mkfifo(tmp_path / "pipe.flac")
-    for name, reason in [("dir.mp3", "is a directory"), ("broken.ogg", "broken symbolic link"),
-                         ("a.wav", "symbolic link loop"), ("pipe.flac", "not a regular file"),
-                         ("absent.mp3", "file not found")]:
+    for name, reason in [
+        ("dir.mp3", "is a directory"),
+        ("broken.ogg", "broken symbolic link"),
+        ("a.wav", "symbolic link loop"),
+        ("pipe.flac", "not a regular file"),
+        ("absent.mp3", "file not found"),
+    ]:
         with pytest.raises(DecodeError, match=reason):
             dec.check_readable(tmp_path / name)
 

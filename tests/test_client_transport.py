@@ -8,11 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from client import shm
-from client.transport import GrpcSender, ShmSender
-from client.triton_io import ConnectOptions, ServedModel, TritonPool, count_instances, is_local
-from client.tuning import MAX_SLOT_BYTES, choose
-from indexer.errors import InferenceError, ServerUnavailableError
+from mert_indexer.client import shm
+from mert_indexer.client.transport import GrpcSender, ShmSender
+from mert_indexer.client.triton_io import (
+    ConnectOptions,
+    ServedModel,
+    TritonPool,
+    count_instances,
+    is_local,
+)
+from mert_indexer.client.tuning import MAX_SLOT_BYTES, choose
+from mert_indexer.errors import InferenceError, ServerUnavailableError
 from tests.conftest import free_port
 
 
@@ -135,8 +141,12 @@ def test_no_server_fails_clearly_after_the_deadline():
 def test_instances_counted_from_config():
     assert count_instances({}) == 1
     assert count_instances({"instance_group": [{"count": 3, "kind": "KIND_CPU"}]}) == 3
-    assert count_instances({"instance_group": [
-        {"count": 2, "kind": "KIND_GPU", "gpus": [0, 1, 2]}, {"count": 1}]}) == 7
+    assert (
+        count_instances(
+            {"instance_group": [{"count": 2, "kind": "KIND_GPU", "gpus": [0, 1, 2]}, {"count": 1}]}
+        )
+        == 7
+    )
 
 
 def test_local_servers_are_recognised():
@@ -144,14 +154,17 @@ def test_local_servers_are_recognised():
     assert not is_local("192.0.2.1:8001")  # TEST-NET-1: never this host
 
 
-@pytest.mark.parametrize("served, expect", [
-    # one CPU instance, max batch 64: 16-window requests, enough in flight for two
-    # server batches
-    (ServedModel((1,), 64, True), (16, 8)),
-    (ServedModel((2, 2), 64, True), (16, 32)),
-    (ServedModel((1,), 8, True), (8, 2)),
-    (ServedModel((1,), 0, False), (1, 2)),  # no batching: one window per request
-])
+@pytest.mark.parametrize(
+    "served, expect",
+    [
+        # one CPU instance, max batch 64: 16-window requests, enough in flight for two
+        # server batches
+        (ServedModel((1,), 64, True), (16, 8)),
+        (ServedModel((2, 2), 64, True), (16, 32)),
+        (ServedModel((1,), 8, True), (8, 2)),
+        (ServedModel((1,), 0, False), (1, 2)),  # no batching: one window per request
+    ],
+)
 def test_automatic_sizing(served, expect):
     s = choose(served, window_bytes=240_000, cores=6)
     assert (s.batch_size, s.in_flight) == expect
@@ -160,8 +173,15 @@ def test_automatic_sizing(served, expect):
 
 def test_sizing_overrides_and_memory_cap():
     served = ServedModel((64,), 64, True)
-    s = choose(served, window_bytes=480_000, cores=2, workers=5, pyav_processes=0,
-               batch_size=32, in_flight=3)
+    s = choose(
+        served,
+        window_bytes=480_000,
+        cores=2,
+        workers=5,
+        pyav_processes=0,
+        batch_size=32,
+        in_flight=3,
+    )
     assert (s.decode_workers, s.pyav_processes, s.batch_size, s.in_flight) == (5, 0, 32, 3)
     capped = choose(served, window_bytes=480_000, cores=2)
     assert capped.in_flight * capped.batch_size * 480_000 <= MAX_SLOT_BYTES

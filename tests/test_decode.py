@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client import decode as dec
-from client.synth import music, write
-from indexer.errors import DecodeError
+from mert_indexer.client import decode as dec
+from mert_indexer.client.synth import music, write
+from mert_indexer.errors import DecodeError
 
 SR = 24_000
 
@@ -23,8 +23,10 @@ def reference():
     return music(6.0, seed=3, sample_rate=44_100)
 
 
-@pytest.mark.parametrize("suffix, tol", [(".wav", 0.9999), (".flac", 0.9999), (".ogg", 0.97),
-                                         (".mp3", 0.97), (".m4a", 0.97)])
+@pytest.mark.parametrize(
+    "suffix, tol",
+    [(".wav", 0.9999), (".flac", 0.9999), (".ogg", 0.97), (".mp3", 0.97), (".m4a", 0.97)],
+)
 def test_formats_decode_to_24k_mono(tmp_path, reference, suffix, tol):
     path = write(tmp_path / f"x{suffix}", reference, 44_100)
     audio = dec.decode(path, SR)
@@ -62,7 +64,7 @@ def test_rates_resampled(tmp_path, rate):
     tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     audio = dec.decode(write(tmp_path / "t.flac", tone, rate), SR)
     assert abs(len(audio) - 2 * SR) <= 2
-    spectrum = np.abs(np.fft.rfft(audio[SR // 4: -SR // 4]))
+    spectrum = np.abs(np.fft.rfft(audio[SR // 4 : -SR // 4]))
     peak_hz = np.argmax(spectrum) * SR / (len(audio) - SR // 2)
     assert abs(peak_hz - 440) < 2
 
@@ -74,13 +76,19 @@ def test_blocks_are_bounded(tmp_path):
     assert max(sizes) <= dec.BLOCK_FRAMES  # downsampling: never more than one read block
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
-    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not a readable audio file"),
-    (lambda p: p.write_text("hello, I am text\n" * 50), "not a readable audio file"),
-    (lambda p: p.mkdir(), "is a directory"),
-    (lambda p: p.symlink_to(p.parent / "missing.wav"), "broken symbolic link"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        (
+            lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)),
+            "not a readable audio file",
+        ),
+        (lambda p: p.write_text("hello, I am text\n" * 50), "not a readable audio file"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.symlink_to(p.parent / "missing.wav"), "broken symbolic link"),
+    ],
+)
 def test_bad_files_name_the_file(tmp_path, make, reason):
     path = tmp_path / "bad.mp3"
     make(path)

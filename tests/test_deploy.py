@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from client.discover import Shard, find_audio
+from mert_indexer.client.discover import Shard, find_audio
 from tests.conftest import ROOT, run_cli, serve_options, window_set
 
 K8S = ROOT / "deploy" / "k8s"
@@ -87,13 +86,13 @@ def test_shards_partition_and_stay_stable():
     assert sum(len(p) for p in parts) == len(names)  # disjoint
     assert all(350 < len(p) < 650 for p in parts)  # roughly balanced
     more = names + [f"new/track_{i}.flac" for i in range(500)]
-    for s, before in zip(shards, parts):
+    for s, before in zip(shards, parts, strict=True):
         after = {k for k in more if s.owns(k)}
         assert before <= after  # adding files never moves an old one
 
 
 def test_shard_argument_is_checked():
-    from indexer.errors import ConfigError
+    from mert_indexer.errors import ConfigError
 
     assert Shard.parse("2/5") == Shard(2, 5)
     for bad in ("5/5", "-1/3", "a/b", "3"):
@@ -112,35 +111,68 @@ def test_find_audio_shards_relative_to_input(tmp_path):
 
 def test_two_servers_two_shards_merge_equals_one_run(tiny_repo, catalogue, tmp_path):
     """The README's scaling section, locally: 2 Triton servers, 2 shards, a merge."""
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     folder = str(catalogue[0].parent)
     with LocalTriton(serve_options(tiny_repo)) as a, LocalTriton(serve_options(tiny_repo)) as b:
         for i, server in enumerate((a, b)):
-            proc = run_cli("indexer-client", "--server", server.grpc_url, "--input", folder,
-                           "--index", str(tmp_path / f"shard-{i}"), "--shard", f"{i}/2",
-                           "--no-build", "--no-progress")
+            proc = run_cli(
+                "indexer-client",
+                "--server",
+                server.grpc_url,
+                "--input",
+                folder,
+                "--index",
+                str(tmp_path / f"shard-{i}"),
+                "--shard",
+                f"{i}/2",
+                "--no-build",
+                "--no-progress",
+            )
             assert proc.returncode == 0, proc.stdout + proc.stderr
-        proc = run_cli("indexer-merge", str(tmp_path / "merged"),
-                       str(tmp_path / "shard-0"), str(tmp_path / "shard-1"))
+        proc = run_cli(
+            "indexer-merge",
+            str(tmp_path / "merged"),
+            str(tmp_path / "shard-0"),
+            str(tmp_path / "shard-1"),
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        proc = run_cli("indexer-client", "--server", a.grpc_url, "--server", b.grpc_url,
-                       "--input", folder, "--index", str(tmp_path / "single"), "--no-progress")
+        proc = run_cli(
+            "indexer-client",
+            "--server",
+            a.grpc_url,
+            "--server",
+            b.grpc_url,
+            "--input",
+            folder,
+            "--index",
+            str(tmp_path / "single"),
+            "--no-progress",
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
         merged, single = window_set(tmp_path / "merged"), window_set(tmp_path / "single")
         assert merged == single and len(single) > len(catalogue)
 
         clip = tmp_path / "clip.wav"
-        from client.decode import decode
-        from client.synth import write
+        from mert_indexer.client.decode import decode
+        from mert_indexer.client.synth import write
 
         audio = decode(catalogue[2], 24_000)
-        write(clip, audio[5 * 24_000: 12 * 24_000], 24_000)
+        write(clip, audio[5 * 24_000 : 12 * 24_000], 24_000)
         answers = []
         for index in ("merged", "single"):
-            proc = run_cli("indexer-query", "--server", a.grpc_url, "--index",
-                           str(tmp_path / index), "--json", "--min-score", "off", str(clip))
+            proc = run_cli(
+                "indexer-query",
+                "--server",
+                a.grpc_url,
+                "--index",
+                str(tmp_path / index),
+                "--json",
+                "--min-score",
+                "off",
+                str(clip),
+            )
             assert proc.returncode == 0, proc.stderr
             answers.append(json.loads(proc.stdout)[0][0])
         assert answers[0]["track"] == answers[1]["track"] == str(catalogue[2])

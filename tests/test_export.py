@@ -23,7 +23,10 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from client.contract import (  # noqa: E402
+from export import mert, runner, synth, validate  # noqa: E402
+from export.graph import PooledMert  # noqa: E402
+from export.options import ExportOptions, parse_layer_spec  # noqa: E402
+from mert_indexer.contract import (  # noqa: E402
     CONTRACT_PARAMS,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -33,10 +36,7 @@ from client.contract import (  # noqa: E402
     ModelContract,
     load_config,
 )
-from export import mert, runner, synth, validate  # noqa: E402
-from export.graph import PooledMert  # noqa: E402
-from export.options import ExportOptions, parse_layer_spec  # noqa: E402
-from indexer.errors import ConfigError, ValidationError, WeightsUnavailableError  # noqa: E402
+from mert_indexer.errors import ConfigError, ValidationError, WeightsUnavailableError  # noqa: E402
 
 WINDOW = 120_000
 TINY = {"random_init": True, "size": "tiny"}
@@ -419,7 +419,7 @@ def test_checkpoint_missing_encoder_weights_is_refused(tmp_path: Path) -> None:
         "safetensors",
         drop="layers.1.attention.q_proj",
     )
-    with pytest.raises(WeightsUnavailableError, match="layers.1.attention.q_proj"):
+    with pytest.raises(WeightsUnavailableError, match=r"layers\.1\.attention\.q_proj"):
         mert.load_model(str(tmp_path / "ckpt"))
 
 

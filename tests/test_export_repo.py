@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.contract import (  # noqa: E402
+from export import repo
+from mert_indexer.contract import (
     CONTRACT_PARAMS,
     CONTRACT_VERSION,
     P_CONTRACT_VERSION,
@@ -27,8 +28,7 @@ from client.contract import (  # noqa: E402
     ModelContract,
     load_config,
 )
-from export import repo  # noqa: E402
-from indexer.errors import ConfigError  # noqa: E402
+from mert_indexer.errors import ConfigError
 
 
 def spec(layers: str = "0,1,2", precision: str = "fp32", trt: bool = False) -> repo.BlockSpec:
@@ -135,7 +135,7 @@ def test_int8_block_selects_tensorrt_unless_the_user_has_an_optimization_block(
 def test_missing_or_doubled_markers_are_refused(tmp_path: Path, damage) -> None:
     path = tmp_path / "mert" / "config.pbtxt"
     write(path, damage(repo.compose_config(path, "mert", spec())))
-    with pytest.raises(ConfigError, match="markers|block"):
+    with pytest.raises(ConfigError, match=r"markers|block"):
         repo.compose_config(path, "mert", spec())
 
 

@@ -12,11 +12,11 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.errors import StoreError
-from indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare
-from indexer.search import Searcher
-from indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
+from mert_indexer.errors import StoreError
+from mert_indexer.indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare
+from mert_indexer.indexer.search import Searcher
+from mert_indexer.indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
+from mert_indexer.indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100
 DIM = 32
@@ -83,13 +83,13 @@ def test_compressed_recall_at_10_against_exact(big_store: tuple[Path, np.ndarray
     assert info["bytes_per_vector"] < exact_info["bytes_per_vector"] / 4
     approx = loaded(root)
     _, got = approx.knn(queries, 10)
-    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
     assert recall >= 0.95, recall
 
     # Without the exact re-ranking from the float16 segments, PQ alone falls short.
     approx.params["rerank"] = 0
     _, raw = approx.knn(queries, 10)
-    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(raw, want)]) < recall
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(raw, want, strict=True)]) < recall
 
 
 def test_exact_index_from_float16_store_agrees_with_float32(
@@ -103,7 +103,7 @@ def test_exact_index_from_float16_store_agrees_with_float32(
     _, got = index.knn(queries, 10)
     x = prepare(vectors, vectors.mean(axis=0))
     want = np.argsort(-(prepare(queries, vectors.mean(axis=0)) @ x.T), axis=1)[:, :10]
-    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)]) >= 0.98
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)]) >= 0.98
 
 
 def test_rebuild_switches_atomically_and_a_failed_build_keeps_the_old(
@@ -127,7 +127,7 @@ def test_rebuild_switches_atomically_and_a_failed_build_keeps_the_old(
             raise RuntimeError("Error: 'ret == (size)' failed: write error (disk full)")
 
         monkeypatch.setattr(faiss, "write_index", broken)
-        with pytest.raises(StoreError, match="cannot write the index.*the previous index stays"):
+        with pytest.raises(StoreError, match=r"cannot write the index.*the previous index stays"):
             store.build_index()
     assert Searcher(tmp_path).info["generation"] == second["generation"]
     assert not [p for p in (tmp_path / INDEX_DIR).iterdir() if p.name.endswith(".tmp")]

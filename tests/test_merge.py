@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.cli import merge_main
-from indexer.errors import ModelMismatchError
-from indexer.merge import merge_stores
-from indexer.search import Searcher
-from indexer.store import IndexStore
-from indexer.synthetic import clip_starts
+from mert_indexer.errors import ModelMismatchError
+from mert_indexer.indexer.cli import merge_main
+from mert_indexer.indexer.merge import merge_stores
+from mert_indexer.indexer.search import Searcher
+from mert_indexer.indexer.store import IndexStore
+from mert_indexer.indexer.synthetic import clip_starts
 from tests.test_store import EMB, IDENTITY, contents, index_files, make_files, track_no
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.pipeline import Pipeline, PipelineOptions
-from client.report import RunSummary
-from client.synth import music, write
-from client.transport import make_sender
-from client.triton_io import ConnectOptions, TritonPool
-from indexer.store import IndexStore
+from mert_indexer.client.pipeline import Pipeline, PipelineOptions
+from mert_indexer.client.report import RunSummary
+from mert_indexer.client.synth import music, write
+from mert_indexer.client.transport import make_sender
+from mert_indexer.client.triton_io import ConnectOptions, TritonPool
+from mert_indexer.indexer.store import IndexStore
 
 SR = 24_000
 
@@ -40,15 +40,27 @@ def mixed(catalogue, tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("mixed")
     files = [Path(shutil.copy(p, folder)) for p in catalogue]
     files.append(write(folder / "aac.m4a", music(17.0, seed=41), 44_100))
-    files.append(write(folder / "mono48k.flac", music(12.5, seed=42, sample_rate=48_000,
-                                                        channels=1), 48_000))
+    files.append(
+        write(folder / "mono48k.flac", music(12.5, seed=42, sample_rate=48_000, channels=1), 48_000)
+    )
     return files
 
 
-def index_run(pool: TritonPool, files: list[Path], index: Path, *, workers: int = 2,
-              batch: int = 4, slots: int = 2, shm: bool = False, hop: int | None = None,
-              wrap=None, decoder=None, pyav_processes: int = 2,
-              queue_windows: int | None = None) -> RunSummary:
+def index_run(
+    pool: TritonPool,
+    files: list[Path],
+    index: Path,
+    *,
+    workers: int = 2,
+    batch: int = 4,
+    slots: int = 2,
+    shm: bool = False,
+    hop: int | None = None,
+    wrap=None,
+    decoder=None,
+    pyav_processes: int = 2,
+    queue_windows: int | None = None,
+) -> RunSummary:
     contract = pool.contract
     hop = hop or contract.window_samples
     sender = make_sender(pool, slots=slots, batch_size=batch, shm=shm)
@@ -56,13 +68,18 @@ def index_run(pool: TritonPool, files: list[Path], index: Path, *, workers: int 
         sender = wrap(sender)
     summary = RunSummary()
     try:
-        with IndexStore.open(index, contract.identity() | {"hop_samples": hop},
-                             create=True) as store:
+        with IndexStore.open(
+            index, contract.identity() | {"hop_samples": hop}, create=True
+        ) as store:
             plan = store.plan([str(f) for f in files])
             store.apply(plan)
-            options = PipelineOptions(hop_samples=hop, decode_workers=workers,
-                                      pyav_processes=pyav_processes, progress=False,
-                                      queue_windows=queue_windows)
+            options = PipelineOptions(
+                hop_samples=hop,
+                decode_workers=workers,
+                pyav_processes=pyav_processes,
+                progress=False,
+                queue_windows=queue_windows,
+            )
             Pipeline(contract, sender, store, options, decoder=decoder).run(plan.todo, summary)
     finally:
         sender.close()
@@ -71,8 +88,10 @@ def index_run(pool: TritonPool, files: list[Path], index: Path, *, workers: int 
 
 def stored(index: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     with IndexStore.open(index, None, create=False) as store:
-        return {t.path: (starts, vectors.astype(np.float32), t.n_samples)
-                for t, starts, vectors in store.iter_windows()}
+        return {
+            t.path: (starts, vectors.astype(np.float32), t.n_samples)
+            for t, starts, vectors in store.iter_windows()
+        }
 
 
 class Wrapped:
@@ -105,12 +124,13 @@ class Wrapped:
 
 def test_index_is_the_same_whatever_the_split(pool, mixed, tmp_path):
     """Threads, request size, in-flight count, transport and the PyAV pool change nothing."""
-    ref = index_run(pool, mixed, tmp_path / "ref", workers=1, batch=1, slots=1,
-                    pyav_processes=0)
+    ref = index_run(pool, mixed, tmp_path / "ref", workers=1, batch=1, slots=1, pyav_processes=0)
     assert ref.ok and ref.indexed == len(mixed)
     expected = stored(tmp_path / "ref")
-    for name, kw in {"grpc": dict(workers=3, batch=8, slots=3),
-                     "shm": dict(workers=2, batch=5, slots=4, shm=True)}.items():
+    for name, kw in {
+        "grpc": dict(workers=3, batch=8, slots=3),
+        "shm": dict(workers=2, batch=5, slots=4, shm=True),
+    }.items():
         got_summary = index_run(pool, mixed, tmp_path / name, **kw)
         assert got_summary.ok and got_summary.indexed == len(mixed)
         got = stored(tmp_path / name)
@@ -118,8 +138,9 @@ def test_index_is_the_same_whatever_the_split(pool, mixed, tmp_path):
         for path, (starts, vectors, n) in expected.items():
             g_starts, g_vectors, g_n = got[path]
             assert g_n == n and np.array_equal(g_starts, starts), (name, path)
-            np.testing.assert_allclose(g_vectors, vectors, rtol=2e-3, atol=2e-3,
-                                       err_msg=f"{name}: {path}")
+            np.testing.assert_allclose(
+                g_vectors, vectors, rtol=2e-3, atol=2e-3, err_msg=f"{name}: {path}"
+            )
 
 
 def test_overlapping_hop_windows(pool, mixed, tmp_path):
@@ -136,8 +157,10 @@ def test_slow_server_keeps_memory_bounded(pool, tmp_path):
     """Decoders wait for the server: windows held and RSS stay flat, not the catalogue's size."""
     psutil = pytest.importorskip("psutil")
     base = music(30.0, seed=7, sample_rate=44_100)
-    files = [write(tmp_path / f"long{i}.flac", np.tile(base * (0.5 + 0.2 * i), (10, 1)), 44_100)
-             for i in range(4)]  # 4 x 300 s: 240 windows, 58 MB as int16 windows
+    files = [
+        write(tmp_path / f"long{i}.flac", np.tile(base * (0.5 + 0.2 * i), (10, 1)), 44_100)
+        for i in range(4)
+    ]  # 4 x 300 s: 240 windows, 58 MB as int16 windows
     index_run(pool, files[:1], tmp_path / "warm", batch=4, slots=2)  # imports, allocator warm-up
     proc = psutil.Process()
     baseline = proc.memory_info().rss
@@ -153,9 +176,16 @@ def test_slow_server_keeps_memory_bounded(pool, tmp_path):
     sampler.start()
     batch, slots, queue_windows, workers = 4, 2, 8, 2
     try:
-        summary = index_run(pool, files, tmp_path / "idx", workers=workers, batch=batch,
-                            slots=slots, queue_windows=queue_windows,
-                            wrap=lambda s: Wrapped(s, lambda call: time.sleep(0.1)))
+        summary = index_run(
+            pool,
+            files,
+            tmp_path / "idx",
+            workers=workers,
+            batch=batch,
+            slots=slots,
+            queue_windows=queue_windows,
+            wrap=lambda s: Wrapped(s, lambda call: time.sleep(0.1)),
+        )
     finally:
         done.set()
         sampler.join()
@@ -174,8 +204,15 @@ def test_request_failure_stops_the_run_and_keeps_completed_tracks(pool, catalogu
 
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(RuntimeError, match="boom"):
-        index_run(pool, catalogue, tmp_path / "idx", workers=1, batch=2, slots=1,
-                  wrap=lambda s: Wrapped(s, fail_on_sixth))
+        index_run(
+            pool,
+            catalogue,
+            tmp_path / "idx",
+            workers=1,
+            batch=2,
+            slots=1,
+            wrap=lambda s: Wrapped(s, fail_on_sixth),
+        )
     committed = stored(tmp_path / "idx")
     assert 1 <= len(committed) < len(catalogue)  # what was complete is kept, and only that
     for starts, vectors, n in committed.values():
@@ -186,7 +223,7 @@ def test_request_failure_stops_the_run_and_keeps_completed_tracks(pool, catalogu
 
 
 def test_decoder_crash_reaches_the_caller(pool, catalogue, tmp_path):
-    from client.decode import decode_blocks
+    from mert_indexer.client.decode import decode_blocks
 
     def decoder(path: str):
         if path == str(catalogue[2]):
@@ -195,8 +232,7 @@ def test_decoder_crash_reaches_the_caller(pool, catalogue, tmp_path):
         return decode_blocks(path, SR)
 
     with pytest.raises(RuntimeError, match="decoder bug"):
-        index_run(pool, catalogue, tmp_path / "idx", workers=1, batch=2, slots=2,
-                  decoder=decoder)
+        index_run(pool, catalogue, tmp_path / "idx", workers=1, batch=2, slots=2, decoder=decoder)
     committed = stored(tmp_path / "idx")
     assert set(committed) == {str(catalogue[0]), str(catalogue[1])}
 

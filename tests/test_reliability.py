@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.synth import music, write
+from mert_indexer.client.synth import music, write
 from tests.conftest import BIN, run_cli, serve_options, window_set
 
 SR = 44_100
@@ -55,19 +55,25 @@ BAD_INPUTS = {
     "truncated.mp3": (lambda p: _truncate(write(p, music(20, 11, SR), SR)), "truncated"),
     "truncated.flac": (lambda p: _truncate(write(p, music(20, 12, SR), SR)), "mid-stream"),
     "truncated.ogg": (lambda p: _truncate(write(p, music(20, 13, SR), SR)), "truncated"),
-    "random_bytes.mp3": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(20000)) or p,
-                         "not a readable audio file"),
+    "random_bytes.mp3": (
+        lambda p: p.write_bytes(np.random.default_rng(1).bytes(20000)) or p,
+        "not a readable audio file",
+    ),
     "text.wav": (lambda p: p.write_text("not audio\n" * 100) or p, "not a readable audio file"),
     "image.flac": (_png, "not a readable audio file"),
     "folder.mp3": (lambda p: p.mkdir() or p, "is a directory"),
-    "broken_link.ogg": (lambda p: p.symlink_to(p.parent / "nowhere.ogg") or p,
-                        "broken symbolic link"),
-    "loop_a.wav": (lambda p: (p.symlink_to(p.parent / "loop_b.wav"),
-                              (p.parent / "loop_b.wav").symlink_to(p)) and p,
-                   "symbolic link loop"),
+    "broken_link.ogg": (
+        lambda p: p.symlink_to(p.parent / "nowhere.ogg") or p,
+        "broken symbolic link",
+    ),
+    "loop_a.wav": (
+        lambda p: (
+            (p.symlink_to(p.parent / "loop_b.wav"), (p.parent / "loop_b.wav").symlink_to(p)) and p
+        ),
+        "symbolic link loop",
+    ),
     "short.wav": (lambda p: write(p, music(3.0, 14, SR), SR), "shorter than one window"),
-    "silence.flac": (lambda p: write(p, np.zeros((SR * 8, 2), np.float32), SR),
-                     "digital silence"),
+    "silence.flac": (lambda p: write(p, np.zeros((SR * 8, 2), np.float32), SR), "digital silence"),
     # Inputs that are odd but fine: they must be indexed.
     "mono.wav": (lambda p: write(p, music(8, 15, SR, channels=1), SR), "indexed"),
     "six_channels.wav": (lambda p: write(p, music(8, 16, SR, channels=6), SR), "indexed"),
@@ -93,8 +99,16 @@ def messy_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def messy_run(triton, messy_folder, tmp_path_factory):
     index = tmp_path_factory.mktemp("messy_index") / "idx"
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(messy_folder),
-                   "--index", str(index), "--no-progress")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(messy_folder),
+        "--index",
+        str(index),
+        "--no-progress",
+    )
     return proc, index
 
 
@@ -129,14 +143,22 @@ def test_messy_run_goes_on_counts_and_fails(messy_run):
 
 def test_rerun_of_messy_folder_adds_nothing(triton, messy_folder, messy_run):
     _, index = messy_run
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(messy_folder),
-                   "--index", str(index), "--no-progress")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(messy_folder),
+        "--index",
+        str(index),
+        "--no-progress",
+    )
     assert "indexed 0 track(s)" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")
 def many_tracks(tmp_path_factory) -> Path:
-    from client.synth import write_catalogue
+    from mert_indexer.client.synth import write_catalogue
 
     folder = tmp_path_factory.mktemp("many")
     write_catalogue(folder, 24, seconds=(10, 16), suffixes=(".flac", ".wav"), seed=7)
@@ -146,8 +168,17 @@ def many_tracks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference_windows(triton, many_tracks, tmp_path_factory) -> list[tuple[str, int]]:
     index = tmp_path_factory.mktemp("ref") / "idx"
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(many_tracks),
-                   "--index", str(index), "--no-progress", "--no-build")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        "--no-progress",
+        "--no-build",
+    )
     assert proc.returncode == 0, proc.stderr
     keys = window_set(index)
     assert len(keys) == len(set(keys)) > 24
@@ -163,8 +194,9 @@ def _committed_tracks(index: Path) -> int:
         return 0
 
 
-def _wait_for_progress(proc: subprocess.Popen, index: Path, tracks: int,
-                       timeout: float = 300) -> bool:
+def _wait_for_progress(
+    proc: subprocess.Popen, index: Path, tracks: int, timeout: float = 300
+) -> bool:
     """Wait until ``tracks`` tracks are committed; False if the run ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,15 +208,34 @@ def _wait_for_progress(proc: subprocess.Popen, index: Path, tracks: int,
     raise AssertionError("no progress")
 
 
-SLOW_CLIENT = ("--no-progress", "--no-build", "--batch-size", "1", "--in-flight", "1",
-               "--workers", "1", "--commit-seconds", "0")
+SLOW_CLIENT = (
+    "--no-progress",
+    "--no-build",
+    "--batch-size",
+    "1",
+    "--in-flight",
+    "1",
+    "--workers",
+    "1",
+    "--commit-seconds",
+    "0",
+)
 
 
-def test_client_sigkilled_three_times_then_rerun_is_exact(triton, many_tracks,
-                                                          reference_windows, tmp_path):
+def test_client_sigkilled_three_times_then_rerun_is_exact(
+    triton, many_tracks, reference_windows, tmp_path
+):
     index = tmp_path / "idx"
-    cmd = [str(BIN / "indexer-client"), "--server", triton.grpc_url, "--input", str(many_tracks),
-           "--index", str(index), *SLOW_CLIENT]
+    cmd = [
+        str(BIN / "indexer-client"),
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        *SLOW_CLIENT,
+    ]
     rng = np.random.default_rng(3)
     kills = 0
     for target in sorted(rng.choice(np.arange(2, 20), size=3, replace=False)):
@@ -201,14 +252,24 @@ def test_client_sigkilled_three_times_then_rerun_is_exact(triton, many_tracks,
 
 
 def test_server_killed_and_restarted_mid_run(tiny_repo, many_tracks, reference_windows, tmp_path):
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     options = serve_options(tiny_repo)
     server = LocalTriton(options)
     server.start()
     index = tmp_path / "idx"
-    cmd = [str(BIN / "indexer-client"), "--server", server.grpc_url, "--input", str(many_tracks),
-           "--index", str(index), *SLOW_CLIENT, "--deadline", "120"]
+    cmd = [
+        str(BIN / "indexer-client"),
+        "--server",
+        server.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        *SLOW_CLIENT,
+        "--deadline",
+        "120",
+    ]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for_progress(client, index, 4)
@@ -218,7 +279,7 @@ def test_server_killed_and_restarted_mid_run(tiny_repo, many_tracks, reference_w
         time.sleep(2.0)
         server = LocalTriton(options)
         server.start()
-        out, err = client.communicate(timeout=600)
+        _out, err = client.communicate(timeout=600)
     finally:
         server.stop()
         if client.poll() is None:
@@ -227,26 +288,46 @@ def test_server_killed_and_restarted_mid_run(tiny_repo, many_tracks, reference_w
     assert window_set(index) == reference_windows
 
 
-def test_server_never_back_fails_clearly_and_rerun_completes(tiny_repo, triton, many_tracks,
-                                                             reference_windows, tmp_path):
-    from server.launcher import LocalTriton
+def test_server_never_back_fails_clearly_and_rerun_completes(
+    tiny_repo, triton, many_tracks, reference_windows, tmp_path
+):
+    from mert_indexer.server.launcher import LocalTriton
 
     server = LocalTriton(serve_options(tiny_repo))
     server.start()
     index = tmp_path / "idx"
-    cmd = [str(BIN / "indexer-client"), "--server", server.grpc_url, "--input", str(many_tracks),
-           "--index", str(index), *SLOW_CLIENT, "--deadline", "5"]
+    cmd = [
+        str(BIN / "indexer-client"),
+        "--server",
+        server.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        *SLOW_CLIENT,
+        "--deadline",
+        "5",
+    ]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_progress(client, index, 3)
     server.stop()
-    out, err = client.communicate(timeout=300)
+    _out, err = client.communicate(timeout=300)
     assert client.returncode == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("indexer-client: error:") and "within 5 s" in last, err
     partial = window_set(index)  # the catalog opens, consistent
     assert set(partial) <= set(reference_windows)
-    done = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(many_tracks),
-                   "--index", str(index), "--no-progress", "--no-build")
+    done = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        "--no-progress",
+        "--no-build",
+    )
     assert done.returncode == 0, done.stderr
     assert window_set(index) == reference_windows
 
@@ -255,8 +336,11 @@ def test_server_never_back_fails_clearly_and_rerun_completes(tiny_repo, triton, 
 def small_fs(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here: {proc.stderr.strip()}")
     yield mnt
@@ -265,19 +349,37 @@ def small_fs(tmp_path):
 
 def test_disk_full_is_a_clear_error_and_nothing_is_corrupted(triton, many_tracks, small_fs):
     index = small_fs / "idx"
-    proc = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(many_tracks),
-                   "--index", str(index), "--no-progress")
+    proc = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        "--no-progress",
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("indexer-client: error:") and (
-        "No space left" in last or "disk is full" in last), proc.stderr
+        "No space left" in last or "disk is full" in last
+    ), proc.stderr
     keys = window_set(index)  # whatever was committed is readable and whole
     assert len(keys) == len(set(keys))
     # Free space (as a user would), rerun: it completes.
     big = small_fs.parent / "moved"
     shutil.copytree(index, big)
-    done = run_cli("indexer-client", "--server", triton.grpc_url, "--input", str(many_tracks),
-                   "--index", str(big), "--no-progress", "--no-build")
+    done = run_cli(
+        "indexer-client",
+        "--server",
+        triton.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(big),
+        "--no-progress",
+        "--no-build",
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -290,24 +392,71 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
     def ssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-        "-keyout", str(ca_key), "-out", str(ca))
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key),
-        "-out", str(csr))
-    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
     return ca, cert, key
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_grpc_over_tls(tiny_repo, catalogue, tmp_path):
-    from server.launcher import LocalTriton
+    from mert_indexer.server.launcher import LocalTriton
 
     ca, cert, key = _certificates(tmp_path)
     with LocalTriton(serve_options(tiny_repo, ssl_cert=cert, ssl_key=key)) as server:
         url = f"localhost:{server.options.grpc_port}"
-        args = ["--server", url, "--input", str(catalogue[0]), "--index", str(tmp_path / "i"),
-                "--no-progress", "--deadline", "5"]
+        args = [
+            "--server",
+            url,
+            "--input",
+            str(catalogue[0]),
+            "--index",
+            str(tmp_path / "i"),
+            "--no-progress",
+            "--deadline",
+            "5",
+        ]
         ok = run_cli("indexer-client", *args, "--ssl-ca", str(ca))
         assert ok.returncode == 0, ok.stderr
         plain = run_cli("indexer-client", *args)
@@ -317,9 +466,13 @@ def test_grpc_over_tls(tiny_repo, catalogue, tmp_path):
 def test_local_server_binds_loopback_only(triton):
     import psutil
 
-    conns = [c for c in psutil.net_connections(kind="tcp")
-             if c.status == psutil.CONN_LISTEN and c.laddr.port in
-             (triton.options.grpc_port, triton.options.http_port, triton.options.metrics_port)]
+    conns = [
+        c
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+        and c.laddr.port
+        in (triton.options.grpc_port, triton.options.http_port, triton.options.metrics_port)
+    ]
     assert conns and all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in conns)
 
 
@@ -327,10 +480,17 @@ def test_no_pickle_loading_in_the_code():
     """Stores, indexes and weights are never unpickled (np.load allow_pickle, pickle, torch.load)."""
     root = Path(__file__).resolve().parents[1]
     offenders = []
-    for path in [*root.glob("client/**/*.py"), *root.glob("indexer/**/*.py"),
-                 *root.glob("server/**/*.py"), *root.glob("export/**/*.py")]:
+    for path in [
+        *root.glob("client/**/*.py"),
+        *root.glob("indexer/**/*.py"),
+        *root.glob("server/**/*.py"),
+        *root.glob("export/**/*.py"),
+    ]:
         text = path.read_text()
-        if "allow_pickle=True" in text or "import pickle" in text or \
-                ("torch.load(" in text and "weights_only=True" not in text):
+        if (
+            "allow_pickle=True" in text
+            or "import pickle" in text
+            or ("torch.load(" in text and "weights_only=True" not in text)
+        ):
             offenders.append(str(path))
     assert not offenders

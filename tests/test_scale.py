@@ -56,8 +56,18 @@ def _long_flac(path: Path, seconds: int) -> Path:
 def test_three_hour_file_has_bounded_client_memory(triton, tmp_path):
     path = _long_flac(tmp_path / "three_hours.flac", 3 * 3600)
     index = tmp_path / "idx"
-    proc, peak = _peak_rss_mb([str(BIN / "indexer-client"), "--server", triton.grpc_url,
-                               "--input", str(path), "--index", str(index), "--no-progress"])
+    proc, peak = _peak_rss_mb(
+        [
+            str(BIN / "indexer-client"),
+            "--server",
+            triton.grpc_url,
+            "--input",
+            str(path),
+            "--index",
+            str(index),
+            "--no-progress",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     print(f"3-hour file: peak client RSS {peak:.0f} MB")
     assert peak < RSS_BOUND_MB
@@ -77,8 +87,18 @@ def test_ten_thousand_short_files_flat_memory(triton, tmp_path):
         audio = (0.2 * rng.standard_normal(int(5.2 * 8000))).astype(np.float32)
         sf.write(str(sub / f"t{i:05d}.wav"), audio, 8000, subtype="PCM_16")
     index = tmp_path / "idx"
-    proc, peak = _peak_rss_mb([str(BIN / "indexer-client"), "--server", triton.grpc_url,
-                               "--input", str(folder), "--index", str(index), "--no-progress"])
+    proc, peak = _peak_rss_mb(
+        [
+            str(BIN / "indexer-client"),
+            "--server",
+            triton.grpc_url,
+            "--input",
+            str(folder),
+            "--index",
+            str(index),
+            "--no-progress",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     print(f"10,000 files: peak client RSS {peak:.0f} MB; {proc.stdout.splitlines()[0]}")
     assert peak < RSS_BOUND_MB

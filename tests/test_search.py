@@ -1,6 +1,6 @@
 """Query voting: the right track and offset from noisy sub-windows, no match for the unknown.
 
-Two synthetic regimes (``indexer.synthetic``): well-separated, trained-model-like
+Two synthetic regimes (``mert_indexer.indexer.synthetic``): well-separated, trained-model-like
 vectors, and untrained-model-like ones where every cosine between unrelated
 windows lies in 0.95-0.995 (a common offset vector plus small per-window parts).
 Clips are windowed as the client windows them: 10 s, 0.5 s hop, 11 windows.
@@ -14,11 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.errors import QueryError
-from indexer.faiss_index import IndexOptions
-from indexer.search import Match, Searcher, SearchOptions
-from indexer.store import IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, clip_starts, indexed_track, synthetic_identity
+from mert_indexer.errors import QueryError
+from mert_indexer.indexer.faiss_index import IndexOptions
+from mert_indexer.indexer.search import Match, Searcher, SearchOptions
+from mert_indexer.indexer.store import IndexStore, PendingFile
+from mert_indexer.indexer.synthetic import (
+    SyntheticEmbedder,
+    clip_starts,
+    indexed_track,
+    synthetic_identity,
+)
 
 SR = 100
 DIM = 32
@@ -117,7 +122,7 @@ def test_compressed_index_search(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     with Searcher(tmp_path) as searcher:
         assert searcher.info["kind"] == "ivfpq"
-        for i in range(10):
+        for _i in range(10):
             t = int(rng.integers(60))
             at = float(rng.uniform(0, seconds_of(t) - 10.0))
             m = searcher.search(

@@ -17,10 +17,10 @@ import numpy as np
 import psutil
 import pytest
 
-from client.contract import dump_config, load_config
-from client.triton_io import ConnectOptions, TritonPool
-from indexer.errors import InferenceError
-from server.launcher import LocalTriton
+from mert_indexer.client.triton_io import ConnectOptions, TritonPool
+from mert_indexer.contract import dump_config, load_config
+from mert_indexer.errors import InferenceError
+from mert_indexer.server.launcher import LocalTriton
 from tests import conftest
 from tests.conftest import serve_options
 

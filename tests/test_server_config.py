@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import (
+from mert_indexer.contract import (
     CONTRACT_PARAMS,
     CONTRACT_VERSION,
     P_CONTRACT_VERSION,
@@ -21,8 +21,8 @@ from client.contract import (
     dump_config,
     load_config,
 )
-from indexer.errors import ConfigError, ModelContractError
-from server import local_repo
+from mert_indexer.errors import ConfigError, ModelContractError
+from mert_indexer.server import local_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "model_repository" / "mert" / "config.pbtxt"
@@ -170,7 +170,7 @@ def test_derive_names_what_is_missing(tmp_path):
         local_repo.derive(tmp_path, tmp_path / "out")
     repo = make_repo(tmp_path / "noonnx", USER_BLOCK + EXPORTER_BLOCK)
     (repo / "mert" / "1" / "model.onnx").unlink()
-    with pytest.raises(ConfigError, match="to_onnx.py"):
+    with pytest.raises(ConfigError, match=r"to_onnx\.py"):
         local_repo.derive(repo, tmp_path / "out")
     bare = make_repo(tmp_path / "bare", USER_BLOCK + EXPORTER_BLOCK.replace(CONTRACT_TEXT, ""))
     with pytest.raises(ModelContractError, match="contract parameters"):

@@ -23,10 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from indexer.errors import ServerStartError
-from server import preflight
-from server.bundle import STUB_NAME, find_bundle, missing_libraries
-from server.launcher import LocalTriton
+from mert_indexer.errors import ServerStartError
+from mert_indexer.server import preflight
+from mert_indexer.server.bundle import STUB_NAME, find_bundle, missing_libraries
+from mert_indexer.server.launcher import LocalTriton
 from tests.conftest import BIN, free_port, serve_options
 
 
@@ -211,7 +211,7 @@ def test_stop_leaves_no_process_region_or_file(tiny_repo):
     pgid = server.process.pid
     group = [p for p in psutil.process_iter() if _pgid(p) == pgid]
     assert len(group) >= 2  # the server and at least one stub
-    from server.launcher import _group_regions
+    from mert_indexer.server.launcher import _group_regions
 
     regions = _group_regions(pgid)
     log, workdir = server.log_path, server._workdir
@@ -227,7 +227,7 @@ def test_killed_launcher_takes_the_server_down(tiny_repo, tmp_path):
     script.write_text(
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from server.launcher import LocalTriton\n"
+        "from mert_indexer.server.launcher import LocalTriton\n"
         "from tests.conftest import serve_options\n"
         f"s = LocalTriton(serve_options(Path({str(tiny_repo)!r})))\n"
         "s.start()\n"

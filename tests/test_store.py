@@ -1,6 +1,6 @@
 """The durable store: round trip, identity, resume after a crash, renames, duplicates, disk full.
 
-Real SQLite, real files; synthetic embeddings (``indexer.synthetic``). Faults are
+Real SQLite, real files; synthetic embeddings (``mert_indexer.indexer.synthetic``). Faults are
 injected only where a real part cannot be made to fail on demand: a killed
 child process for the crash, a patched ``os.write`` for a full disk.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import segments
-from indexer.catalog import Catalog
-from indexer.errors import ModelMismatchError, StoreError
-from indexer.store import IndexStore, PendingFile
-from indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
+from mert_indexer.errors import ModelMismatchError, StoreError
+from mert_indexer.indexer import segments
+from mert_indexer.indexer.catalog import Catalog
+from mert_indexer.indexer.store import IndexStore, PendingFile
+from mert_indexer.indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100
 IDENTITY = synthetic_identity(32, SR)
@@ -65,7 +65,7 @@ def contents(store: IndexStore) -> set[tuple[str, int, bytes]]:
     return {
         (t.path, int(s), v.tobytes())
         for t, starts, vecs in store.iter_windows()
-        for s, v in zip(starts, vecs)
+        for s, v in zip(starts, vecs, strict=True)
     }
 
 
@@ -106,7 +106,9 @@ def test_round_trip_and_unchanged_files_are_not_read(
             assert t.n_samples == n and t.sample_rate == SR
             np.testing.assert_array_equal(starts, want_starts)
             np.testing.assert_allclose(vecs.astype(np.float32), want, rtol=1e-3, atol=1e-3)
-        monkeypatch.setattr("indexer.store.content_hash", lambda p: pytest.fail(f"{p} was hashed"))
+        monkeypatch.setattr(
+            "mert_indexer.indexer.store.content_hash", lambda p: pytest.fail(f"{p} was hashed")
+        )
         plan = store.plan(files)
         assert plan.unchanged == tuple(files) and not plan.todo
         assert store.stats()["windows"] == sum(t.n_windows for t in store.tracks())
@@ -115,7 +117,7 @@ def test_round_trip_and_unchanged_files_are_not_read(
 def test_identity_mismatch_is_refused_naming_the_fields(tmp_path: Path) -> None:
     IndexStore.open(tmp_path, IDENTITY, create=True).close()
     other = IDENTITY | {"embedding_dim": 64, "weights_sha256": "f" * 64}
-    with pytest.raises(ModelMismatchError, match="embedding_dim: 32 != 64.*weights_sha256"):
+    with pytest.raises(ModelMismatchError, match=r"embedding_dim: 32 != 64.*weights_sha256"):
         IndexStore.open(tmp_path, other, create=True)
     with pytest.raises(StoreError, match="lacks embedding_dim"):
         IndexStore.open(
@@ -163,8 +165,8 @@ CRASH_CHILD = textwrap.dedent(
     import os, sys
     sys.path.insert(0, {tests!r})
     from test_store import IDENTITY, add
-    from indexer.catalog import Catalog
-    from indexer.store import IndexStore
+    from mert_indexer.indexer.catalog import Catalog
+    from mert_indexer.indexer.store import IndexStore
     store = IndexStore.open({index!r}, IDENTITY, create=True)
     plan = store.plan({files!r})
     for p in plan.todo[:2]:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.windows import StreamWindower, cut, to_wire, window_starts
+from mert_indexer.client.windows import StreamWindower, cut, to_wire, window_starts
 
 
-@pytest.mark.parametrize("n, expected", [
-    (0, []), (4, []), (5, [0]), (10, [0, 5]), (12, [0, 5, 7]), (15, [0, 5, 10]),
-    (17, [0, 5, 10, 12]),
-])
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (0, []),
+        (4, []),
+        (5, [0]),
+        (10, [0, 5]),
+        (12, [0, 5, 7]),
+        (15, [0, 5, 10]),
+        (17, [0, 5, 10, 12]),
+    ],
+)
 def test_starts_full_length_last_aligned_to_end(n, expected):
     assert window_starts(n, 5, 5).tolist() == expected
 
@@ -27,17 +35,17 @@ def test_overlapping_hop():
 def test_stream_equals_in_memory(n, block, hop):
     audio = np.arange(n, dtype=np.float32)
     w = StreamWindower(5, hop)
-    got = list(w.run(audio[i:i + block] for i in range(0, n, block)))
+    got = list(w.run(audio[i : i + block] for i in range(0, n, block)))
     starts, frames = cut(audio, 5, hop)
     assert [s for s, _ in got] == starts.tolist()
     assert w.n_samples == n
-    for (s, win), ref in zip(got, frames):
+    for (s, win), ref in zip(got, frames, strict=True):
         assert len(win) == 5 and np.array_equal(win, ref) and win[0] == s
 
 
 def test_stream_memory_is_bounded():
     """The windower never holds much more than a window plus a block."""
-    import client.windows as mod
+    import mert_indexer.client.windows as mod
 
     held = []
     real = np.concatenate

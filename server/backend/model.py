@@ -45,8 +45,10 @@ class TritonPythonModel:
         providers = ["CPUExecutionProvider"]
         if params.get(P_PROVIDER) == "cuda":
             device_id = int(args.get("model_instance_device_id", "0"))
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}),
-                         "CPUExecutionProvider"]
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": device_id}),
+                "CPUExecutionProvider",
+            ]
         path = params[P_ONNX_PATH]
         if not os.path.exists(path):
             raise pb_utils.TritonModelException(f"model file not found: {path}")
@@ -70,15 +72,16 @@ class TritonPythonModel:
             merged = np.concatenate(batches, axis=0) if len(batches) > 1 else batches[0]
             try:
                 out = self.session.run(None, {self.onnx_input: merged})[0]
-            except Exception as exc:  # noqa: BLE001 (ORT's own types; answer, don't crash)
-                error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of "
-                                             f"{merged.shape[0]}: {exc}")
+            except Exception as exc:
+                error = pb_utils.TritonError(
+                    f"ONNX Runtime failed on a batch of {merged.shape[0]}: {exc}"
+                )
                 for i in good:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=error)
                 return responses
             out = np.ascontiguousarray(out, dtype=np.float32)
             row = 0
-            for i, audio in zip(good, batches):
+            for i, audio in zip(good, batches, strict=True):
                 n = audio.shape[0]
                 tensor = pb_utils.Tensor(self.output_name, out[row : row + n])
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])

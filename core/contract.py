@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from indexer.errors import ConfigError, ModelContractError
+from mert_indexer.errors import ConfigError, ModelContractError
 
 MODEL_NAME = "mert"
 INPUT_NAME = "AUDIO"
@@ -109,7 +109,7 @@ class ModelContract:
         return d
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelContract":
+    def from_config(cls, config: Any) -> ModelContract:
         """Build from a Triton ``ModelConfig`` protobuf message.
 
         Raises :class:`ModelContractError` naming what is missing or wrong.
