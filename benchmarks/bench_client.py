@@ -104,7 +104,7 @@ def bench_decode(files: list[Path]) -> list[dict]:
         if f.suffix in seen:
             continue
         seen.add(f.suffix)
-        for name, fn in (("soundfile+soxr", dec._soundfile_blocks), ("PyAV", dec._pyav_blocks)):
+        for name, fn in (("soundfile+soxr", dec.soundfile_blocks), ("PyAV", dec.pyav_blocks)):
             if name.startswith("soundfile") and dec.needs_fallback(f):
                 continue
             with CpuClock() as clk:
@@ -131,7 +131,7 @@ def bench_fallback_cpu(m4a: Path, reps: int) -> list[dict]:
     for _ in range(reps):
         with CpuClock() as here:
             for _ in range(4):
-                sum(len(b) for b in dec._pyav_blocks(m4a, SR))
+                sum(len(b) for b in dec.pyav_blocks(m4a, SR))
         with PyAVPool(1) as pool:
             sum(len(b) for b in dec.decode_blocks(m4a, SR, fallback=pool.blocks))  # start it
             with CpuClock() as parent:
@@ -157,7 +157,7 @@ def bench_fallback(m4a: Path, reps: int) -> list[dict]:
     """Four m4a decodes: PyAV in 1 or 2 threads vs 2 decoder processes (wall, best of reps)."""
 
     def in_thread(p: Path) -> int:
-        return sum(len(b) for b in dec._pyav_blocks(p, SR))
+        return sum(len(b) for b in dec.pyav_blocks(p, SR))
 
     rows = []
     with PyAVPool(2) as pool:

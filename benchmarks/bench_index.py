@@ -16,12 +16,25 @@ written atomically.
     python benchmarks/bench_index.py                      # 100k and 300k windows
     python benchmarks/bench_index.py --sizes 20000 --threads 1 --out /tmp/b   # a quick look
 
+``--scale`` measures instead what daily operation of a large catalogue costs
+(``benchmarks/results/index_bench_scale.{json,md}``): IVF-PQ at 100k, 300k and
+1M windows (build time and peak RSS in a fresh process, bytes per window on
+disk and in RAM, p50/p95 per 10 s clip, recall@10 against an exact scan of the
+store); then, on the 1M index, 10 increments of 1 % each through the same
+build call indexer-client makes (time against the full build; recall after
+them against a fresh build), removing 1 % of the tracks by id and compacting
+(time; clips of the removed tracks searched without a threshold, before and
+after the compaction); 10M extrapolated by power laws through the 3 sizes.
+
+    python benchmarks/bench_index.py --scale --clips 100     # ~40 min on 2 shared cores
+
 Not a test: run by hand; ~6 minutes on 2 shared cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -43,15 +56,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mert_indexer.atomic import atomic_write_text
-from mert_indexer.indexer.faiss_index import (
-    INDEX_DIR,
-    IndexOptions,
-    LoadedIndex,
-    prepare,
-    resolve_params,
-)
+from mert_indexer.indexer.generation import INDEX_DIR
+from mert_indexer.indexer.kinds import IndexOptions, prepare, resolve_params
+from mert_indexer.indexer.loaded import LoadedIndex
+from mert_indexer.indexer.plan import PendingFile
 from mert_indexer.indexer.search import DEFAULT_MIN_SCORE, Searcher, SearchOptions
-from mert_indexer.indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
+from mert_indexer.indexer.segments import SEGMENTS_DIR
+from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
     clip_starts,
@@ -164,7 +175,7 @@ def query(root: Path, queries: list[tuple[int, float, np.ndarray]]) -> dict[str,
             times.append(time.perf_counter() - t0)
             right += (
                 bool(m)
-                and m[0].track == f"track{t:07d}.mp3"
+                and m[0].track.endswith(f"track{t:07d}.mp3")  # stored absolute
                 and abs(m[0].offset_seconds - at) <= HOP
             )
     ms = np.array(times) * 1000
@@ -212,7 +223,10 @@ def float16_agreement(
 def calibration(
     threads: int, seed: int, big_root: Path, big_emb: SyntheticEmbedder, n_tracks: int
 ) -> list[dict[str, Any]]:
-    """Scores of excerpts (by noise) and of un-indexed clips per catalogue: the threshold's basis."""
+    """Scores of excerpts (by noise) and of un-indexed clips per catalogue.
+
+    The no-match threshold is chosen from these.
+    """
     rows = []
     cs = clip_starts(CLIP_SECONDS, HOP)
     worlds = [
@@ -426,7 +440,8 @@ def markdown(report: dict[str, Any]) -> str:
                 else "1 (reference)"
             )
             lines.append(
-                f"| {r['n_windows']:,} | {kind} | {p} | {k['build_seconds']} | {k['bytes_per_window']} | "
+                f"| {r['n_windows']:,} | {kind} | {p} | {k['build_seconds']} | "
+                f"{k['bytes_per_window']} | "
                 f"{k['peak_build_rss_mib']} | {k['p50_ms']} | {k['p95_ms']} | "
                 f"{k['top1_accuracy']} ({k['clips']} clips) | {rec} |"
             )
@@ -463,7 +478,8 @@ def markdown(report: dict[str, Any]) -> str:
     e = report["extrapolated"]
     lines += [
         "",
-        f"## Extrapolated on paper from {e['from'][0]:,} and {e['from'][1]:,} windows (not measured)",
+        f"## Extrapolated on paper from {e['from'][0]:,} and {e['from'][1]:,} windows "
+        "(not measured)",
         "",
         "| windows | kind | params | index GiB | bytes/window | build min | p50 ms/clip (bounds) "
         + "| p95 ms/clip (bounds) | store GiB |",
@@ -480,7 +496,8 @@ def markdown(report: dict[str, Any]) -> str:
             bpw = k.get("bytes_per_window", round(k["index_gib"] * 2**30 / int(n), 1))
             lat = " | ".join(f"{lo}-{hi}" for lo, hi in (k["p50_ms"], k["p95_ms"]))
             lines.append(
-                f"| {int(n):,} | {kind} | {params} | {k['index_gib']} | {bpw} | {k['build_minutes']} | "
+                f"| {int(n):,} | {kind} | {params} | {k['index_gib']} | {bpw} | "
+                f"{k['build_minutes']} | "
                 f"{lat} | {row['store_gib']} |"
             )
     lines += [
@@ -507,6 +524,326 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- scale: 1M windows measured, increments, deletes, compaction (--scale) ----------
+
+
+def cpu_label() -> str:
+    """The CPU and the SIMD flags FAISS picks its kernels by (shared machines differ)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags]
+    return f"{model} ({', '.join(simd) or 'no avx2'}), {os.cpu_count()} cores (shared)"
+
+
+def add_tracks(root: Path, emb: SyntheticEmbedder, t0: int, n_windows: int, seed: int) -> int:
+    """Append whole synthetic tracks from number ``t0`` until ``n_windows``; the next number."""
+    t, windows = t0, 0
+    with IndexStore.open(root, synthetic_identity(emb.dim, SR), create=True) as store:
+        while windows < n_windows:
+            n, starts, x = indexed_track(emb, t, track_seconds(t, seed), SR)
+            store.add_track(
+                PendingFile(f"/bench/track{t:07d}.mp3", f"h{t}", 1, 1),
+                n_samples=n,
+                sample_rate=SR,
+                starts=starts,
+                embeddings=x,
+            )
+            windows += len(starts)
+            t += 1
+            if t % 200 == 0:
+                store.commit()
+        store.commit()
+    return t
+
+
+def _update_child(root: str, threads: int, what: dict[str, Any], out: Any) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    with IndexStore.open(root, None, create=False, read_only=False) as store:
+        if what["op"] == "build":
+            result = store.build_index(
+                kind=what.get("kind", "auto"), rebuild=what.get("rebuild", False), compact=False
+            )
+        elif what["op"] == "remove":
+            result = store.remove(ids=what["ids"])
+        else:
+            result = store.compact()
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    out.put({"result": result, "seconds": seconds, "peak_rss_delta_bytes": (peak - before) * 1024})
+
+
+def in_child(root: Path, threads: int, **what: Any) -> dict[str, Any]:
+    """One store operation in a fresh process: its time and peak RSS are its own."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_update_child, args=(str(root), threads, what, q))
+    p.start()
+    got: dict[str, Any] = q.get()
+    p.join()
+    return got
+
+
+def exact_top(root: Path, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact top-k ids of ``queries`` over the live index's windows, by blocked products.
+
+    Centred on the live generation's mean, as the index compares; reads the
+    float16 segments chunk by chunk (never the whole store).
+    """
+    index = LoadedIndex(root / INDEX_DIR, root / SEGMENTS_DIR)
+    q = index.prepare(queries)
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    ids_all = index.layout.all_ids()
+    for lo in range(0, len(ids_all), 65536):
+        ids = ids_all[lo : lo + 65536]
+        s = q @ index.vectors(ids).T
+        best_s = np.concatenate([best_s, s], axis=1)
+        best_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
+        keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(best_s, keep, axis=1)
+        best_i = np.take_along_axis(best_i, keep, axis=1)
+    index.close()
+    return best_i
+
+
+def recall_at(root: Path, queries: np.ndarray, want: np.ndarray) -> float:
+    index = LoadedIndex(root / INDEX_DIR, root / SEGMENTS_DIR)
+    got = index.knn(queries, 10)[1]
+    index.close()
+    return recall(got, want)
+
+
+def run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Measured sizes up to 1M, then at 1M: 10 increments of 1 %, delete 1 % and compact."""
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=64, seed=args.seed, offset=8.0)
+    sizes = sorted(args.scale_sizes)
+    rows: list[dict[str, Any]] = []
+    root = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work))
+    report: dict[str, Any] = {"cpu": cpu_label(), "threads": args.threads, "seed": args.seed}
+    try:
+        next_track, have = 0, 0
+        for n in sizes:
+            t0 = time.perf_counter()
+            next_track = add_tracks(root, emb, next_track, n - have, args.seed)
+            with IndexStore.open(root, None, create=False) as st:
+                stats = st.stats()
+            have = stats["windows"]
+            ingest_s = time.perf_counter() - t0
+            built = in_child(root, args.threads, op="build", rebuild=True, kind="ivfpq")
+            info = built["result"]
+            clips_ = clips(emb, args.clips, next_track, args.seed, noise=NOISE)
+            rq = np.vstack([x for _, _, x in clips_[: args.recall_clips]])
+            want = exact_top(root, rq)
+            row = {
+                "n_windows": have,
+                "n_tracks": stats["tracks"],
+                "ingest_seconds": round(ingest_s, 1),
+                "build_seconds": round(built["seconds"], 1),
+                "build_window_index_seconds": round(built["seconds"] - track_step(info), 1),
+                "build_track_step_seconds": round(track_step(info), 1),
+                "train_size": info["trained_on"],
+                "factory": info["params"]["factory"],
+                "nprobe": info["params"]["nprobe"],
+                "peak_build_rss_mib": round(built["peak_rss_delta_bytes"] / 2**20, 1),
+                "index_bytes_per_window": info["bytes_per_vector"],
+                "ram_bytes_per_window": round(info["ram_bytes"] / have, 1),
+                "store_bytes_per_window": round(stats["segment_bytes"] / have, 1),
+                "recall@10_vs_exact": recall_at(root, rq, want),
+                "recall_queries": len(rq),
+            } | query(root, clips_)
+            rows.append(row)
+            print(f"[scale] {row}", flush=True)
+        report["sizes"] = rows
+        base = rows[-1]
+
+        # Increments: 10 x 1 % of the largest size, each through the client's build call.
+        inc = []
+        step = base["n_windows"] // 100
+        for i in range(args.increments):
+            t0 = time.perf_counter()
+            next_track = add_tracks(root, emb, next_track, step, args.seed)
+            ingest_s = time.perf_counter() - t0
+            done = in_child(root, args.threads, op="build")
+            r = done["result"]
+            inc.append(
+                {
+                    "increment": i + 1,
+                    "windows_added": r["last_added_windows"],
+                    "update": r["update"],
+                    "seconds": round(done["seconds"], 2),
+                    "window_index_seconds": round(done["seconds"] - track_step(r), 2),
+                    "track_step_seconds": round(track_step(r), 2),
+                    "window_index_fraction": round(
+                        (done["seconds"] - track_step(r)) / base["build_window_index_seconds"], 4
+                    ),
+                    "ingest_seconds": round(ingest_s, 1),
+                    "fraction_of_full_build": round(done["seconds"] / base["build_seconds"], 4),
+                    "peak_rss_mib": round(done["peak_rss_delta_bytes"] / 2**20, 1),
+                }
+            )
+            print(f"[scale] increment {inc[-1]}", flush=True)
+        clips_ = clips(emb, args.clips, next_track, args.seed + 7, noise=NOISE)
+        rq = np.vstack([x for _, _, x in clips_[: args.recall_clips]])
+        want = exact_top(root, rq)
+        after_inc = recall_at(root, rq, want)
+        fresh = in_child(root, args.threads, op="build", rebuild=True)
+        want_fresh = exact_top(root, rq)  # a fresh build centres on the new mean
+        report["increments"] = {
+            "steps": inc,
+            "n_windows": fresh["result"]["n_vectors"],
+            "recall@10_after_increments": after_inc,
+            "recall@10_fresh_build": recall_at(root, rq, want_fresh),
+            "fresh_build_seconds": round(fresh["seconds"], 1),
+        }
+        print(f"[scale] increments {report['increments']}", flush=True)
+
+        # Delete 1 % of the tracks by id, then compact; the deleted are never returned.
+        with IndexStore.open(root, None, create=False) as st:
+            tracks = st.tracks()
+        rng = np.random.default_rng(args.seed + 3)
+        doomed = sorted(rng.choice([t.id for t in tracks], len(tracks) // 100, replace=False))
+        names = {t.id: t.path for t in tracks}
+        removed = in_child(root, args.threads, op="remove", ids=[int(i) for i in doomed])
+        number = {names[i]: int(names[i][-11:-4]) for i in doomed}
+
+        def returned() -> int:
+            with Searcher(root, options=SearchOptions(min_score=None)) as s:
+                cs = clip_starts(CLIP_SECONDS, HOP)
+                hits = 0
+                for path, t in list(number.items())[:100]:
+                    x = emb.windows(t, 30.0 + cs, track_seconds=track_seconds(t, args.seed))
+                    hits += any(m.track == path for m in s.search(x, cs, top=10))
+                return hits
+
+        after_remove = returned()
+        compacted = in_child(root, args.threads, op="compact")
+        report["delete"] = {
+            "tracks_removed": len(doomed),
+            "windows_removed": removed["result"]["removed_windows"],
+            "remove_seconds": round(removed["seconds"], 2),
+            "compact_seconds": round(compacted["seconds"], 1),
+            "compact_peak_rss_mib": round(compacted["peak_rss_delta_bytes"] / 2**20, 1),
+            "rows_copied": compacted["result"]["rows_copied"],
+            "deleted_clips_searched": min(100, len(number)),
+            "deleted_returned_after_remove": after_remove,
+            "deleted_returned_after_compact": returned(),
+        }
+        print(f"[scale] delete {report['delete']}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["extrapolated_10M"] = fit_10m(rows)
+    return report
+
+
+def track_step(info: dict[str, Any]) -> float:
+    """Seconds of the track-similarity step (pooling + its index) within one build; the rest
+    of a build call (open, window index, FAISS write, catalog) is the window index's part."""
+    return float(info.get("track_pooling_seconds", 0.0)) + float(
+        (info.get("extra_write_seconds") or {}).get("track_index", 0.0)
+    )
+
+
+def fit_10m(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """10M windows from the measured sizes: power laws ``y = a * n**b`` fitted in log-log."""
+    n = np.array([r["n_windows"] for r in rows], np.float64)
+    out: dict[str, Any] = {"from_sizes": [int(v) for v in n]}
+    for key in ("build_seconds", "p50_ms", "p95_ms", "peak_build_rss_mib"):
+        y = np.array([r[key] for r in rows], np.float64)
+        b, log_a = np.polyfit(np.log(n), np.log(y), 1)
+        out[key] = {"at_10M": round(float(np.exp(log_a) * 1e7**b), 1), "exponent": round(b, 3)}
+    per = rows[-1]
+    out["index_gib"] = round(per["index_bytes_per_window"] * 1e7 / 2**30, 2)
+    out["store_gib"] = round(per["store_bytes_per_window"] * 1e7 / 2**30, 1)
+    return out
+
+
+def scale_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Index at scale: 1M windows measured, increments, deletes, compaction",
+        "",
+        f"{r['cpu']}; {r['threads']} FAISS threads; seed {r['seed']}; D = {DIM}; "
+        "synthetic MERT-shaped vectors (untrained-like); 10 s clips, 0.5 s hop, noise "
+        f"{NOISE}; IVF-PQ built with `rebuild --kind ivfpq`. Run once, on 2 cores shared "
+        "with other engineers' jobs: times are noisy and pessimistic.",
+        "",
+        "| windows | tracks | index | build s (window index + track step) | peak build RSS MiB "
+        "| index B/window (disk) "
+        "| RAM B/window (loaded index) | store B/window | p50 / p95 ms per clip | top-1 "
+        "| recall@10 vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in r["sizes"]:
+        lines.append(
+            f"| {s['n_windows']:,} | {s['n_tracks']:,} | {s['factory']}, nprobe {s['nprobe']}, "
+            f"trained on {s['train_size']:,} | {s['build_seconds']} "
+            f"({s['build_window_index_seconds']} + {s['build_track_step_seconds']}) "
+            f"| {s['peak_build_rss_mib']} "
+            f"| {s['index_bytes_per_window']} | {s['ram_bytes_per_window']} "
+            f"| {s['store_bytes_per_window']} "
+            f"| {s['p50_ms']} / {s['p95_ms']} | {s['top1_accuracy']} | {s['recall@10_vs_exact']} "
+            f"({s['recall_queries']} query windows) |"
+        )
+    i = r["increments"]
+    lines += [
+        "",
+        f"## {len(i['steps'])} increments of 1 % each on the "
+        f"{r['sizes'][-1]['n_windows']:,}-window index (the client's build call: no retraining)",
+        "",
+        "| increment | windows added | update | seconds (whole call) | of a full build "
+        "| window index s | of its full build | track-similarity step s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in i["steps"]:
+        lines.append(
+            f"| {s['increment']} | {s['windows_added']:,} | {s['update']} | {s['seconds']} "
+            f"| {100 * s['fraction_of_full_build']:.1f} % | {s['window_index_seconds']} "
+            f"| {100 * s['window_index_fraction']:.1f} % | {s['track_step_seconds']} "
+            f"| {s['peak_rss_mib']} |"
+        )
+    lines += [
+        "",
+        f"At {i['n_windows']:,} windows: recall@10 vs exact after the increments "
+        f"{i['recall@10_after_increments']}, of a fresh build {i['recall@10_fresh_build']} "
+        f"(difference {round(i['recall@10_fresh_build'] - i['recall@10_after_increments'], 4)}; "
+        f"the fresh build took {i['fresh_build_seconds']} s).",
+        "",
+        "## Delete 1 % and compact",
+        "",
+    ]
+    d = r["delete"]
+    lines += [
+        f"Removed {d['tracks_removed']:,} tracks ({d['windows_removed']:,} windows) by id in "
+        f"{d['remove_seconds']} s; compaction copied {d['rows_copied']:,} live windows in "
+        f"{d['compact_seconds']} s (peak RSS {d['compact_peak_rss_mib']} MiB). Clips of "
+        f"{d['deleted_clips_searched']} deleted tracks, top 10 without a threshold: returned "
+        f"{d['deleted_returned_after_remove']} times after the remove, "
+        f"{d['deleted_returned_after_compact']} after the compaction.",
+        "",
+        "## 10M windows: extrapolated (not measured)",
+        "",
+    ]
+    e = r["extrapolated_10M"]
+    lines.append(
+        f"Power laws y = a n^b fitted in log-log through the {len(e['from_sizes'])} measured "
+        f"sizes ({', '.join(f'{v:,}' for v in e['from_sizes'])}): "
+        + "; ".join(
+            f"{k} {e[k]['at_10M']} (b = {e[k]['exponent']})"
+            for k in ("build_seconds", "peak_build_rss_mib", "p50_ms", "p95_ms")
+        )
+        + f"; index {e['index_gib']} GiB and store {e['store_gib']} GiB (linear)."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -526,7 +863,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="re-derive the extrapolation and the .md from --out's JSON; measure nothing",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the scale run instead: sizes up to 1M measured, increments, delete and compact",
+    )
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--increments", type=int, default=10)
+    parser.add_argument("--recall-clips", type=int, default=30, help="clips whose windows query")
     args = parser.parse_args(argv)
+    if args.scale:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        report = run_scale(args)
+        report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "index_bench_scale.json", json.dumps(report, indent=1))
+        atomic_write_text(args.out / "index_bench_scale.md", scale_markdown(report))
+        print(scale_markdown(report))
+        return 0
     if args.render:
         report = json.loads((args.out / "index_bench.json").read_text())
         report["extrapolated"] = extrapolate(report["sizes"])
@@ -538,8 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     emb = SyntheticEmbedder(dim=DIM, latent_dim=64, seed=args.seed, offset=8.0)
     results = [run_size(n, args, emb, i == 0) for i, n in enumerate(sorted(args.sizes))]
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
-        f"faiss {faiss.__version__}, numpy {np.__version__}",
+        "machine": (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
+            f"faiss {faiss.__version__}, numpy {np.__version__}"
+        ),
         "threads": args.threads,
         "seed": args.seed,
         "dim": DIM,

@@ -393,3 +393,18 @@ def bar_chart(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+
+
+def cpu_vector_extensions() -> list[str]:
+    """Which of the vector extensions that decide ORT's GEMM speed the CPU has (/proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in VECTOR_EXTENSIONS if f in flags]
+    except OSError:
+        pass
+    return []

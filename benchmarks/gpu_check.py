@@ -55,9 +55,39 @@ STUB_PYTHON = "3.12"  # the GPU machine's python3
 TRACK_SECONDS = 240.0  # "tracks/hour" for 4-minute tracks
 BUDGET_S = 450.0
 
-for p in (str(ROOT), str(BENCH)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+SOURCE_LINKS = Path(tempfile.gettempdir()) / "gpu-check-src"
+
+
+def _import_from_checkout() -> None:
+    """Make ``mert_indexer`` importable from this checkout without installing it.
+
+    The GPU machine gets the working tree but no install step: a folder of
+    symbolic links lays the package out as ``pyproject.toml`` maps it (``core/``
+    is ``mert_indexer``, ``client/`` is ``mert_indexer.client``, ...). Where the
+    package is installed already (here), that install is used.
+    """
+    import importlib.util
+
+    import tomllib
+
+    if importlib.util.find_spec("mert_indexer") is None:
+        mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ]
+        shutil.rmtree(SOURCE_LINKS, ignore_errors=True)
+        for package, folder in sorted(mapping.items(), key=lambda kv: kv[0].count(".")):
+            target = SOURCE_LINKS.joinpath(*package.split("."))
+            target.mkdir(parents=True, exist_ok=True)
+            for entry in (ROOT / folder).iterdir():
+                if not (target / entry.name).exists():
+                    (target / entry.name).symlink_to(entry)
+        sys.path.insert(0, str(SOURCE_LINKS))
+    for p in (str(ROOT), str(BENCH)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+_import_from_checkout()
 
 
 class Budget:

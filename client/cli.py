@@ -12,11 +12,13 @@ from typing import Any
 
 from mert_indexer.client.decode import check_readable
 from mert_indexer.client.discover import Shard, find_audio
+from mert_indexer.client.identify import QueryOptions
 from mert_indexer.client.pipeline import Pipeline, PipelineOptions
 from mert_indexer.client.report import RunSummary, display, summary_lines
 from mert_indexer.client.transport import BatchSender, make_sender
-from mert_indexer.client.triton_io import ConnectOptions, TritonPool, is_local
+from mert_indexer.client.triton_io import DEFAULT_SERVER, ConnectOptions, TritonPool, is_local
 from mert_indexer.client.tuning import choose
+from mert_indexer.defaults import add_defaulted, default_of
 from mert_indexer.errors import ConfigError, DecodeError, IndexerError, ServerUnavailableError
 
 log = logging.getLogger("indexer-client")
@@ -30,35 +32,39 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="HOST:PORT",
         help="Triton gRPC endpoint; repeat to spread the load over several "
-        "(default: localhost:8001)",
+        f"(default: {DEFAULT_SERVER})",
     )
-    p.add_argument("--model-name", default="mert", help="served model name (default: mert)")
-    p.add_argument(
-        "--deadline",
-        type=float,
-        default=300.0,
-        help="seconds to keep retrying an unavailable server (default: %(default)s)",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=300.0,
-        help="seconds one request may take, queueing included (default: %(default)s)",
-    )
+    add_defaulted(p, "--model-name", ConnectOptions, "model_name", "served model name")
+    add_defaulted(
+        p, "--deadline", ConnectOptions, "deadline_seconds",
+        "seconds to keep retrying an unavailable server",
+    )  # fmt: skip
+    add_defaulted(
+        p, "--request-timeout", ConnectOptions, "request_timeout",
+        "seconds one request may take, queueing included",
+    )  # fmt: skip
     p.add_argument("--ssl", action="store_true", help="gRPC over TLS (system CA roots)")
     p.add_argument(
         "--ssl-ca", type=Path, help="PEM CA certificate to verify the server (implies --ssl)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def add_clip_args(p: argparse.ArgumentParser) -> None:
+    """How a query clip is cut: the flags ``indexer-query`` and the search service share."""
+    add_defaulted(p, "--hop-seconds", QueryOptions, "hop_seconds", "hop between a clip's windows")
+    add_defaulted(
+        p, "--max-clip-seconds", QueryOptions, "max_clip_seconds",
+        "refuse clips longer than this, without decoding the rest",
+    )  # fmt: skip
 
 
 def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(
-        servers=tuple(args.server or ["localhost:8001"]),
+        servers=tuple(args.server or [DEFAULT_SERVER]),
         model_name=args.model_name,
         deadline_seconds=args.deadline,
-        request_timeout=getattr(args, "request_timeout", 300.0),
+        request_timeout=args.request_timeout,
         ssl=args.ssl,
         ssl_ca=args.ssl_ca,
     )
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file was skipped or failed (each is named with its reason).",
     )
     add_connection_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--input",
         action="append",
@@ -144,12 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-build",
         action="store_true",
-        help="store embeddings but do not rebuild the FAISS index",
+        help="store embeddings but do not update the FAISS index",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="train the FAISS index anew over every track (default: add new tracks to the "
+        "trained index, retraining only when the catalogue grew 4x or outgrew the exact index)",
+    )
+    p.add_argument(
+        "--max-track-hours",
+        type=float,
+        default=default_of(PipelineOptions, "max_track_seconds") / 3600,
+        help="longest track indexed; a longer one is named and counted as failed "
+        "(a cap on broken or hostile files; default: %(default)g)",
     )
     p.add_argument(
         "--commit-seconds",
         type=float,
-        default=10.0,
+        default=default_of(PipelineOptions, "commit_every_seconds"),
         help="make completed tracks durable at least this often; what a crash "
         "can cost (default: %(default)s; 0: after every track)",
     )
@@ -169,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hop-seconds must be positive")
     if args.commit_seconds < 0:
         parser.error("--commit-seconds must be 0 or more")
+    if args.rebuild and args.no_build:
+        parser.error("--rebuild and --no-build exclude each other")
+    if not args.max_track_hours > 0:
+        parser.error("--max-track-hours must be positive")
     if args.deadline <= 0 or args.request_timeout <= 0:
         parser.error("--deadline and --request-timeout must be positive")
     if args.shm:
-        remote = [s for s in args.server or ["localhost:8001"] if not is_local(s)]
+        remote = [s for s in args.server or [DEFAULT_SERVER] if not is_local(s)]
         if remote:
             parser.error(f"--shm needs every server on this host; not local: {', '.join(remote)}")
     setup_logging(args.verbose)
@@ -245,15 +269,20 @@ def run(args: argparse.Namespace) -> RunSummary:
         identity = contract.identity() | {"hop_samples": hop}
         summary = RunSummary()
         with IndexStore.open(args.index, identity, create=True) as store:
-            plan = _plan(store, [c.path for c in files], summary)
+            plan = _plan(store, [c.path for c in files], summary, args.input)
             store.apply(plan)
             summary.unchanged = len(plan.unchanged)
             summary.renamed = len(plan.renamed)
             summary.duplicates = len(plan.duplicates)
-            for path, reason in plan.unreadable:  # stat failed, or not a regular file
+            # Not readable this time (stat or read failed, not a regular file): transient. The
+            # store keeps what it indexed for the file; the run names it and exits 1; the next
+            # run tries again. Only --prune removes tracks, and only of files that are gone.
+            for path, reason in plan.unreadable:
                 reason = _unreadable_reason(path, reason)
+                if store.status(path) is not None:
+                    reason += " (its indexed entry is kept; retried next run)"
                 summary.failed.append((path, reason))
-                store.record_failure(path, reason)
+                store.record_failure(path, reason, transient=True)
             log.info(
                 "%d file(s): %d to index, %d unchanged, %d renamed, %d duplicate(s)",
                 len(files),
@@ -279,13 +308,14 @@ def run(args: argparse.Namespace) -> RunSummary:
                         pyav_processes=sizing.pyav_processes,
                         commit_every_seconds=args.commit_seconds,
                         progress=not args.no_progress,
+                        max_track_seconds=args.max_track_hours * 3600,
                     )
                     Pipeline(contract, sender, store, options).run(plan.todo, summary)
                 finally:
                     sender.close()
             store.commit()  # the unreadable files' failures, also when nothing was to do
             if not args.no_build:
-                info = store.build_index(progress=not args.no_progress)
+                info = store.build_index(progress=not args.no_progress, rebuild=args.rebuild)
                 log.info(
                     "index: %s, %d vectors of %d tracks, %.0f bytes/vector",
                     info.get("kind"),
@@ -300,10 +330,13 @@ def run(args: argparse.Namespace) -> RunSummary:
         pool.close()
 
 
-def _plan(store: Any, paths: list[str], summary: RunSummary) -> Any:
-    """The store's plan; names it cannot record (not UTF-8) are reported, not fatal."""
+def _plan(store: Any, paths: list[str], summary: RunSummary, roots: list[Path]) -> Any:
+    """The store's plan; names it cannot record (not UTF-8) are reported, not fatal.
+
+    ``roots`` (the run's inputs) bound what ``--prune`` may remove.
+    """
     try:
-        return store.plan(paths)
+        return store.plan(paths, roots)
     except UnicodeEncodeError:
         pass
     storable = [p for p in paths if _utf8(p)]
@@ -312,7 +345,7 @@ def _plan(store: Any, paths: list[str], summary: RunSummary) -> Any:
         for p in paths
         if not _utf8(p)
     ]
-    return store.plan(storable)
+    return store.plan(storable, roots)
 
 
 def _unreadable_reason(path: str, fallback: str) -> str:

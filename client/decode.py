@@ -1,5 +1,7 @@
 """Decode audio files to mono float32 at the model's sample rate, in bounded blocks.
 
+At the ~400-line norm: the caps on hostile input sit next to each decoder path.
+
 libsndfile (through soundfile) and soxr release the GIL, so decoding scales
 across threads; PyAV holds it and gets *slower* in a thread pool (measured:
 two threads 0.6x of one). So soundfile + soxr is the primary path, and PyAV
@@ -9,6 +11,26 @@ does not stall the other threads. Channels are averaged (FFmpeg's default
 downmix is 3 dB louder; one rule everywhere avoids surprises); resampling is
 soxr's HQ (never miniaudio's, which aliases). Memory is bounded by the block
 size whatever the file's length.
+
+Hostile or broken headers are refused before they cost memory or time, each
+with a message naming the file (caps below, documented in the README):
+
+- ``MIN_SOURCE_RATE`` (8 kHz): the lowest sample rate read. Below it there is
+  no music left for MERT (trained on 24 kHz music; 8 kHz is already the
+  telephone band), and such rates are what broken or hostile headers claim:
+  a 131 kB WAV "at 1 Hz" would resample into tens of hours of audio.
+- ``MAX_BLOCK_OUTPUT`` (2^18 samples, 1 MiB of float32): about the most one
+  block yields after resampling (soxr releases output in bursts at extreme
+  ratios: up to 1.5x, measured); reads shrink so that a block never upsamples
+  past it, and so that a header claiming a thousand channels cannot make one read
+  hold more than ``MAX_READ_SAMPLES`` samples either.
+- ``max_seconds`` (default ``DEFAULT_MAX_TRACK_SECONDS``, 6 h; the indexer's
+  ``--max-track-hours``): the longest track decoded. Long-form works and DJ
+  mixes run a few hours; what is longer is a broken length or a concatenation,
+  and a track is embedded as a whole (6 h is 4,320 windows, 13 MB of vectors
+  held until the track completes).
+- Samples that are NaN or infinite (float WAV/AIFF can hold them) make the
+  file fail: they would reach the model as garbage or NaN.
 """
 
 from __future__ import annotations
@@ -30,14 +52,26 @@ BLOCK_FRAMES = 1 << 16  # source frames per read: ~1.4 s at 48 kHz
 # PyAV hands out ~1024-sample frames; they are gathered into blocks of this
 # many source frames, so per-block costs (numpy, soxr, IPC) stay negligible.
 PYAV_GATHER_FRAMES = 1 << 16
+# What this module reads, by file name: the one list (discovery and the
+# export's calibration import it). Containers libsndfile never reads go
+# straight to PyAV; the rest try libsndfile first.
+PYAV_ONLY_SUFFIXES = frozenset({".m4a", ".mp4", ".aac", ".wma", ".webm", ".mka", ".opus", ".ac3"})
+SOUNDFILE_SUFFIXES = frozenset(
+    {".wav", ".wave", ".w64", ".rf64", ".aif", ".aiff", ".aifc", ".caf"}  # PCM containers
+    | {".flac", ".ogg", ".oga", ".mp3"}  # compressed
+)
+AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES | PYAV_ONLY_SUFFIXES
 OGG_SUFFIXES = frozenset({".ogg", ".oga", ".opus"})
 _OGG_MAX_PAGE = 27 + 255 + 255 * 255
 # A stream that ends this much before its header's length was cut short
 # (decoders disagree by up to ~0.4 s on a whole file).
 TRUNCATION_SECONDS = 1.0
 TRUNCATION_FRACTION = 0.02
-# Containers libsndfile never reads: go straight to PyAV.
-PYAV_ONLY_SUFFIXES = frozenset({".m4a", ".mp4", ".aac", ".wma", ".webm", ".mka", ".opus", ".ac3"})
+# The caps on hostile input (see the module docstring).
+MIN_SOURCE_RATE = 8_000
+MAX_BLOCK_OUTPUT = 1 << 18  # samples one block may yield after resampling
+MAX_READ_SAMPLES = 1 << 20  # frames x channels one read may hold (4 MiB of float32)
+DEFAULT_MAX_TRACK_SECONDS = 6 * 3600.0
 
 Fallback = Callable[[Path, int], Iterator[np.ndarray]]
 
@@ -47,20 +81,65 @@ class NotForThisDecoder(Exception):
 
 
 def decode_blocks(
-    path: str | Path, sample_rate: int, *, fallback: Fallback | None = None
+    path: str | Path,
+    sample_rate: int,
+    *,
+    fallback: Fallback | None = None,
+    max_seconds: float | None = DEFAULT_MAX_TRACK_SECONDS,
 ) -> Iterator[np.ndarray]:
     """Yield consecutive mono float32 blocks of ``path`` resampled to ``sample_rate``.
 
     ``fallback`` decodes what libsndfile cannot (default: PyAV in this
     thread); it raises :class:`NotForThisDecoder` when it cannot open the
     file either. Raises :class:`DecodeError` (naming the file) when no
-    decoder can read it, also when the failure comes mid-stream.
+    decoder can read it, also when the failure comes mid-stream, when the
+    file breaks a cap (rate, ``max_seconds``: ``None`` for none, non-finite
+    samples) or changes under the reader (removed, cut, unmounted).
     """
     path = Path(path)
     check_readable(path)
-    yield from _any_blocks(path, sample_rate, fallback)
-    if path.suffix.lower() in OGG_SUFFIXES:
-        _check_ogg_end(path)
+    limit = None if max_seconds is None else round(max_seconds * sample_rate)
+    produced = 0
+    try:
+        for block in _any_blocks(path, sample_rate, fallback, max_seconds):
+            produced += len(block)
+            if limit is not None and produced > limit:
+                raise DecodeError(
+                    path, f"longer than {_hours(max_seconds)}, the longest track read"
+                )
+            if not np.isfinite(block).all():
+                at = (produced - len(block)) / sample_rate
+                raise DecodeError(path, f"samples that are NaN or infinite (near {at:.1f} s)")
+            yield block
+        if path.suffix.lower() in OGG_SUFFIXES:
+            _check_ogg_end(path)
+    except OSError as exc:  # the file changed while it was read
+        raise DecodeError(path, f"read failed: {exc.strerror or exc}") from None
+
+
+def _hours(seconds: float | None) -> str:
+    seconds = seconds or 0.0
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
+
+
+def _check_rate(path: Path, rate: int) -> None:
+    if rate < MIN_SOURCE_RATE:
+        raise DecodeError(
+            path,
+            f"sample rate {rate} Hz is below {MIN_SOURCE_RATE} Hz, the lowest read "
+            "(no music is left there; the header is broken or hostile)",
+        )
+
+
+def _frames_per_read(rate: int, channels: int, out_rate: int) -> int:
+    """Source frames per read: ``BLOCK_FRAMES``, fewer where a block would blow up.
+
+    Bounded so the resampled block stays within ``MAX_BLOCK_OUTPUT`` samples and
+    one read within ``MAX_READ_SAMPLES`` samples over all channels.
+    """
+    by_output = MAX_BLOCK_OUTPUT * rate // max(1, out_rate)
+    by_channels = MAX_READ_SAMPLES // max(1, channels)
+    return max(1, min(BLOCK_FRAMES, by_output, by_channels))
 
 
 def check_readable(path: str | Path) -> None:
@@ -86,24 +165,28 @@ def check_readable(path: str | Path) -> None:
         raise DecodeError(path, "empty file (0 bytes)")
 
 
-def _any_blocks(path: Path, sample_rate: int, fallback: Fallback | None) -> Iterator[np.ndarray]:
+def _any_blocks(
+    path: Path, sample_rate: int, fallback: Fallback | None, max_seconds: float | None
+) -> Iterator[np.ndarray]:
     if path.suffix.lower() not in PYAV_ONLY_SUFFIXES:
         try:
-            yield from _soundfile_blocks(path, sample_rate)
+            yield from soundfile_blocks(path, sample_rate, max_seconds=max_seconds)
             return
         except NotForThisDecoder as exc:
             first_reason = str(exc)
     else:
         first_reason = "container not supported by libsndfile"
     try:
-        yield from (fallback or _pyav_blocks)(path, sample_rate)
+        yield from (fallback or pyav_blocks)(path, sample_rate)
     except NotForThisDecoder as exc:
         raise DecodeError(path, f"not a readable audio file ({first_reason}; {exc})") from None
 
 
-def decode(path: str | Path, sample_rate: int) -> np.ndarray:
+def decode(
+    path: str | Path, sample_rate: int, *, max_seconds: float | None = DEFAULT_MAX_TRACK_SECONDS
+) -> np.ndarray:
     """The whole file as one mono float32 array (for short clips)."""
-    blocks = list(decode_blocks(path, sample_rate))
+    blocks = list(decode_blocks(path, sample_rate, max_seconds=max_seconds))
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
@@ -129,7 +212,15 @@ def _mono(frames: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _soundfile_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
+def soundfile_blocks(
+    path: Path, sample_rate: int, *, max_seconds: float | None = None
+) -> Iterator[np.ndarray]:
+    """libsndfile decoding (soundfile) resampled with soxr, in blocks of ``BLOCK_FRAMES``.
+
+    Raises :class:`NotForThisDecoder` when libsndfile cannot open the file,
+    :class:`DecodeError` when its header breaks a cap (rate; a declared length
+    beyond ``max_seconds`` fails before anything is decoded).
+    """
     import soundfile as sf
     import soxr
 
@@ -142,6 +233,15 @@ def _soundfile_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
     with fh:
         if fh.samplerate <= 0 or fh.channels <= 0:
             raise NotForThisDecoder("libsndfile: no audio stream")
+        _check_rate(path, fh.samplerate)
+        declared = fh.frames if 0 < fh.frames < 2**62 else 0  # unknown lengths read as huge
+        if max_seconds is not None and declared > max_seconds * fh.samplerate:
+            raise DecodeError(
+                path,
+                f"{declared / fh.samplerate / 3600:.1f} h long by its header; longer than "
+                f"{_hours(max_seconds)}, the longest track read",
+            )
+        per_read = _frames_per_read(fh.samplerate, fh.channels, sample_rate)
         resampler = None
         if fh.samplerate != sample_rate:
             resampler = soxr.ResampleStream(fh.samplerate, sample_rate, 1, dtype="float32")
@@ -149,13 +249,13 @@ def _soundfile_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
         read = 0
         while True:
             try:
-                frames = fh.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                frames = fh.read(per_read, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 if not produced:
                     raise NotForThisDecoder(f"libsndfile: {exc}") from None
                 raise DecodeError(path, f"decoding failed mid-stream: {exc}") from None
             read += len(frames)
-            last = len(frames) < BLOCK_FRAMES
+            last = len(frames) < per_read
             mono = _mono(frames)
             if resampler is not None:
                 mono = resampler.resample_chunk(mono, last=last)
@@ -164,7 +264,6 @@ def _soundfile_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
                 yield mono
             if last:
                 break
-        declared = fh.frames if 0 < fh.frames < 2**62 else 0  # unknown lengths read as huge
         if declared and declared - read > max(
             fh.samplerate * TRUNCATION_SECONDS, declared * TRUNCATION_FRACTION
         ):
@@ -213,7 +312,7 @@ def _check_ogg_end(path: Path) -> None:
         )
 
 
-def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
+def pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
     """PyAV decoding, in blocks of about ``PYAV_GATHER_FRAMES`` source frames.
 
     Frames (~1024 samples each) are gathered before they are downmixed and
@@ -239,6 +338,7 @@ def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
         fmt = ""
         pending: list[np.ndarray] = []  # [channels, n] per frame, same format
         held = 0
+        gather = PYAV_GATHER_FRAMES
         produced = False
 
         def flush(last: bool = False) -> np.ndarray:
@@ -253,6 +353,11 @@ def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
                 if not pending:
                     if resampler is None and not in_rate:
                         in_rate = frame.sample_rate
+                        _check_rate(path, in_rate)
+                        channels = len(frame.layout.channels)
+                        gather = min(
+                            PYAV_GATHER_FRAMES, _frames_per_read(in_rate, channels, sample_rate)
+                        )
                         if in_rate != sample_rate:
                             resampler = soxr.ResampleStream(
                                 in_rate, sample_rate, 1, dtype="float32"
@@ -271,7 +376,7 @@ def _pyav_blocks(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
                     samples = samples.reshape(-1, len(frame.layout.channels)).T
                 pending.append(samples)
                 held += samples.shape[1]
-                if held >= PYAV_GATHER_FRAMES:
+                if held >= gather:
                     block = flush()
                     if len(block):
                         produced = True

@@ -12,31 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mert_indexer.client.decode import AUDIO_SUFFIXES
 from mert_indexer.errors import ConfigError
-
-AUDIO_SUFFIXES = frozenset(
-    {
-        ".wav",
-        ".wave",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".opus",
-        ".mp3",
-        ".m4a",
-        ".mp4",
-        ".aac",
-        ".aif",
-        ".aiff",
-        ".aifc",
-        ".caf",
-        ".w64",
-        ".rf64",
-        ".wma",
-        ".webm",
-        ".mka",
-    }
-)
 
 
 @dataclass(frozen=True)

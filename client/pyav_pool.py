@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mert_indexer.client.decode import NotForThisDecoder, _pyav_blocks
+from mert_indexer.client.decode import NotForThisDecoder, pyav_blocks
 from mert_indexer.errors import DecodeError
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _serve(conn: Connection) -> None:
             return
         path, sample_rate = job
         try:
-            for block in _pyav_blocks(Path(path), sample_rate):
+            for block in pyav_blocks(Path(path), sample_rate):
                 conn.send_bytes(_DATA + block.astype(np.float32, copy=False).tobytes())
         except NotForThisDecoder as exc:
             conn.send_bytes(_NOT_FOR_US + str(exc).encode("utf-8", "backslashreplace"))

@@ -11,33 +11,39 @@ Regions are files under ``/dev/shm`` mapped with :mod:`mmap`, which is what
 ``tritonclient.utils.shared_memory`` does through its C helper; that module
 is not used because tritonclient 2.51 imports ``pkg_resources`` there, which
 setuptools >= 81 no longer ships (the import fails in a fresh environment).
-Region names carry the process id: :func:`remove_stale` deletes regions of
-processes that died without cleaning up (``kill -9``); anything else is
-unlinked by :meth:`ShmRegion.close`, which the sender calls in ``finally``
-and at interpreter exit.
+Liveness is a lock, not a process id: the owner holds an exclusive
+``flock`` on each region file for as long as it lives, and the kernel drops
+it when the owner dies, however it dies (``kill -9`` included).
+:func:`remove_stale` deletes only regions whose lock it can take. A process
+id would be wrong twice over: ids are reused, and containers sharing
+``/dev/shm`` have separate id namespaces, so the id in a name can belong to
+nobody, or to somebody else, here. A flock is on the file itself, so a live
+owner in another namespace still holds it. (The id stays in the name, for
+people.) Anything else is unlinked by :meth:`ShmRegion.close`, which the
+sender calls in ``finally`` and at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
 import re
 import uuid
 import weakref
-from pathlib import Path
 
 import numpy as np
 
+from mert_indexer.defaults import SHM_DIR
 from mert_indexer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
 PREFIX = "mert-indexer-"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[0-9a-f]+-\d+$")
+_NAME = re.compile(re.escape(PREFIX) + r"\d+-[0-9a-f]+-\d+$")
 _live: weakref.WeakSet[ShmRegion] = weakref.WeakSet()
 
 
@@ -51,16 +57,28 @@ class ShmRegion:
         self.dtype = np.dtype(dtype)
         self.byte_size = int(np.prod(shape)) * self.dtype.itemsize
         path = SHM_DIR / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, self.byte_size)
-            self._map: mmap.mmap | None = mmap.mmap(fd, self.byte_size)
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
-        os.close(fd)
+        for _attempt in range(3):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                # Held until close() or death: what remove_stale() reads as alive. A
+                # cleaner may take the lock and unlink the file between its creation and
+                # this line (it holds the lock only for that): then make it again.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not _same_file(fd, path):
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, self.byte_size)
+                self._map: mmap.mmap | None = mmap.mmap(fd, self.byte_size)
+                break
+            except OSError:
+                with contextlib.suppress(OSError):
+                    if _same_file(fd, path):
+                        path.unlink()
+                os.close(fd)
+                raise
+        else:
+            raise FileExistsError(f"{path} was removed three times while it was created")
+        self._fd: int | None = fd
         self.array: np.ndarray = np.frombuffer(self._map, dtype=self.dtype).reshape(shape)
         _live.add(self)
 
@@ -74,6 +92,9 @@ class ShmRegion:
         self._map = None
         with contextlib.suppress(FileNotFoundError):
             (SHM_DIR / self.name).unlink()
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock, after the unlink
+            self._fd = None
         _live.discard(self)
 
 
@@ -103,30 +124,47 @@ def create_regions(count: int, shape: tuple[int, ...], dtype: str) -> list[ShmRe
 
 
 def remove_stale() -> list[str]:
-    """Delete regions left by client processes that no longer exist."""
-    removed = []
+    """Delete regions whose owner is gone: those whose lock nobody holds."""
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.glob(PREFIX + "*"):
-        m = _NAME.match(path.name)
-        if not m or _pid_alive(int(m.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
+        if _NAME.match(path.name) and _remove_if_unowned(path):
             removed.append(path.name)
     if removed:
         log.info("removed %d shared-memory region(s) left by dead clients", len(removed))
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def _remove_if_unowned(path: os.PathLike[str]) -> bool:
+    """Unlink ``path`` if its lock can be taken (its owner died); True if it was."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # gone already, or not ours to open (another user's)
         return False
-    except PermissionError:
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live owner, in whatever PID namespace
+            return False
+        if not _same_file(fd, path):  # not one made since under the same name
+            return False
+        os.unlink(path)
         return True
-    return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: os.PathLike[str]) -> bool:
+    """True when ``path`` still names the file open at ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 @atexit.register

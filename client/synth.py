@@ -109,6 +109,7 @@ def _write_pyav(path: Path, audio: np.ndarray, sample_rate: int, codec: str) -> 
     layout = "mono" if data.shape[1] == 1 else "stereo"
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=sample_rate, layout=layout)
+        assert isinstance(stream, av.AudioStream)
         frame_size = 1024
         planar = np.ascontiguousarray(data[:, :2].T.astype(np.float32))
         for i in range(0, planar.shape[1], frame_size):

@@ -34,6 +34,10 @@ class BatchSender(Protocol):
     def cancel(self) -> None:
         """Stop retrying: the run is ending."""
 
+    def confirm_model(self) -> None:
+        """Raise :class:`ModelChangedError` if a server answered with another model since the
+        last check; called before each commit."""
+
     def close(self) -> None:
         """Release the slots (unregister and unlink shared memory)."""
 
@@ -59,6 +63,9 @@ class GrpcSender:
 
     def cancel(self) -> None:
         self.pool.cancel()
+
+    def confirm_model(self) -> None:
+        self.pool.confirm_model()
 
     def close(self) -> None:
         self._buffers = []
@@ -92,6 +99,9 @@ class ShmSender:
 
     def cancel(self) -> None:
         self.pool.cancel()
+
+    def confirm_model(self) -> None:
+        self.pool.confirm_model()
 
     def close(self) -> None:
         """Unregister from every server, then unmap and unlink; also after errors."""

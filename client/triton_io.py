@@ -1,5 +1,8 @@
 """Talk to one or more Triton servers over gRPC: readiness, the model contract, inference.
 
+Over the ~400-line norm: endpoint selection, retries and the model-identity
+checks interlock (a retried failure re-reads the identity), so they stay together.
+
 Before anything is sent, the model's config is read from the server and
 checked (``ModelContract``); every endpoint must serve the same model. Each
 request goes to the endpoint with the fewest requests in flight per model
@@ -22,12 +25,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from mert_indexer.contract import ModelContract, config_from_json
-from mert_indexer.errors import InferenceError, ModelContractError, ServerUnavailableError
+from mert_indexer.contract import MODEL_NAME, ModelContract, config_from_json
+from mert_indexer.defaults import DEFAULT_SERVER  # re-exported: the CLIs read it here
+from mert_indexer.errors import (
+    InferenceError,
+    ModelChangedError,
+    ModelContractError,
+    ServerUnavailableError,
+)
 
 if TYPE_CHECKING:
     from mert_indexer.client.shm import ShmRegion
@@ -60,8 +69,8 @@ MAX_BACKOFF = 10.0
 
 @dataclass(frozen=True)
 class ConnectOptions:
-    servers: tuple[str, ...] = ("localhost:8001",)
-    model_name: str = "mert"
+    servers: tuple[str, ...] = (DEFAULT_SERVER,)
+    model_name: str = MODEL_NAME
     deadline_seconds: float = 300.0  # how long to keep retrying an unavailable server
     request_timeout: float = 300.0  # one request, queueing on the server included
     ssl: bool = False
@@ -96,6 +105,11 @@ class _Endpoint:
         self.rest_until = 0.0
         self.last_pick = 0
         self.requests = 0
+        # The identity checks: False after a failure (read the config before the next
+        # request); answers since the last check; the model version answers carry.
+        self.verified = True
+        self.answered = 0
+        self.version = ""
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -123,7 +137,7 @@ def is_local(url: str) -> bool:
     for info in infos:
         addr = info[4][0]
         try:
-            if ipaddress.ip_address(addr.split("%")[0]).is_loopback or addr in own:
+            if ipaddress.ip_address(str(addr).split("%")[0]).is_loopback or addr in own:
                 return True
         except ValueError:
             continue
@@ -153,6 +167,7 @@ class TritonPool:
         self._picks = itertools.count(1)
         self._shm: list[ShmRegion] = []
         self._cancelled = threading.Event()
+        self._changed: str | None = None  # why the run must stop: the served model changed
         self.contract: ModelContract | None = None
         self.served: ServedModel | None = None
 
@@ -193,7 +208,80 @@ class TritonPool:
             dynamic_batching=dyn is not None,
         )
         self.contract = first
+        for ep in self._endpoints:
+            ep.verified, ep.answered = True, 0
         return first
+
+    # -- identity during the run ---------------------------------------------------
+
+    def _check_identity(self, ep: _Endpoint) -> None:
+        """Read ``ep``'s config once; raise :class:`ModelChangedError` if it serves another model.
+
+        A server that is not ready raises tritonclient's exception, which the
+        request loop treats as a transient failure.
+        """
+        from tritonclient.utils import InferenceServerException
+
+        contract = self.contract
+        assert contract is not None
+        name = self.options.model_name
+        if not ep.client.is_model_ready(name):
+            raise InferenceServerException(f"model {name!r} is not ready")
+        config = ep.client.get_model_config(name, as_json=True)["config"]
+        try:
+            served = ModelContract.from_config(config_from_json(config))
+        except ModelContractError as exc:
+            self._model_changed(ep, f"no longer serves a model with the contract ({exc})")
+        if served.fingerprint() != contract.fingerprint() or served.input_dtype != (
+            contract.input_dtype
+        ):
+            self._model_changed(
+                ep,
+                f"now serves {served.model_id} (weights {served.weights_sha256[:12]}, "
+                f"fingerprint {served.fingerprint()})",
+            )
+        with self._lock:
+            ep.instances = count_instances(config)
+            ep.verified = True
+
+    def _model_changed(self, ep: _Endpoint, what: str) -> NoReturn:
+        contract = self.contract
+        assert contract is not None
+        message = (
+            f"{ep.url} {what}, not {contract.model_id} (weights "
+            f"{contract.weights_sha256[:12]}, fingerprint {contract.fingerprint()}) that this "
+            "run started with: the model changed during the run; stopped, the tracks "
+            "committed before the change are kept"
+        )
+        with self._lock:
+            self._changed = self._changed or message
+        raise ModelChangedError(self._changed)
+
+    def confirm_model(self) -> None:
+        """Check every endpoint that answered since its last check still serves the model.
+
+        Raises :class:`ModelChangedError` if one serves another (the caller must
+        not commit what it answered); an unreachable one is left for its next
+        request to re-read. Called before each commit.
+        """
+        if self._changed:
+            raise ModelChangedError(self._changed)
+        for ep in self._endpoints:
+            with self._lock:
+                seen = ep.answered
+            if not seen:
+                continue
+            try:
+                self._check_identity(ep)
+            except ModelChangedError:
+                raise
+            except Exception as exc:  # unreachable now: re-read before its next request
+                log.debug("%s: identity check deferred: %s", ep.url, exc)
+                with self._lock:
+                    ep.verified = False
+                continue
+            with self._lock:
+                ep.answered -= seen
 
     def _config_of(self, ep: _Endpoint, deadline: float) -> dict[str, Any]:
         name = self.options.model_name
@@ -264,9 +352,17 @@ class TritonPool:
 
     # -- inference -------------------------------------------------------------------
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Embed ``batch`` ([n, window] in the served dtype), sent inside the gRPC message."""
-        return self._request(tuple(batch.shape), lambda inp: inp.set_data_from_numpy(batch))
+    def infer(self, batch: np.ndarray, *, priority: int = 0) -> np.ndarray:
+        """Embed ``batch`` ([n, window] in the served dtype), sent inside the gRPC message.
+
+        ``priority``: the request's Triton priority level (1 is the highest; 0,
+        the default, takes the model's ``default_priority_level``). Interactive
+        queries send 1 so that they are batched before bulk indexing; a model
+        without ``priority_levels`` ignores it.
+        """
+        return self._request(
+            tuple(batch.shape), lambda inp: inp.set_data_from_numpy(batch), priority=priority
+        )
 
     def infer_shm(self, region: ShmRegion, n: int) -> np.ndarray:
         """Embed the first ``n`` windows of ``region`` (registered by :meth:`register_shm`)."""
@@ -274,7 +370,9 @@ class TritonPool:
         shape = (n, *region.shape[1:])
         return self._request(shape, lambda inp: inp.set_shared_memory(region.name, nbytes))
 
-    def _request(self, shape: tuple[int, ...], attach: Callable[[Any], None]) -> np.ndarray:
+    def _request(
+        self, shape: tuple[int, ...], attach: Callable[[Any], None], *, priority: int = 0
+    ) -> np.ndarray:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -286,8 +384,12 @@ class TritonPool:
         previous: _Endpoint | None = None
         renewed = False
         while True:
+            if self._changed:
+                raise ModelChangedError(self._changed)
             ep = self._pick(previous)
             try:
+                if not ep.verified:  # it failed since its last check: (re)connected to what?
+                    self._check_identity(ep)
                 inp = grpcclient.InferInput(contract.input_name, list(shape), contract.wire_dtype)
                 attach(inp)
                 out = grpcclient.InferRequestedOutput(contract.output_name)
@@ -296,17 +398,25 @@ class TritonPool:
                     [inp],
                     outputs=[out],
                     client_timeout=self.options.request_timeout,
+                    priority=priority,
                 )
                 emb = result.as_numpy(contract.output_name)
+                version = result.get_response().model_version
+                if version != ep.version:  # another version answered: is it another model?
+                    if ep.version:
+                        self._check_identity(ep)
+                    ep.version = version
                 with self._lock:
                     ep.failures = 0
                     ep.requests += 1
+                    ep.answered += 1
                 return emb
             except InferenceServerException as exc:
                 first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 forgot_shm = bool(self._shm) and SHM_FORGOTTEN in str(exc)
                 if forgot_shm and not renewed:  # restarted server: register again, no wait
                     renewed = True
+                    ep.verified = False  # and read what it serves now
                     try:
                         self._register_on(ep)
                         log.warning(
@@ -321,6 +431,7 @@ class TritonPool:
                 with self._lock:
                     ep.failures += 1
                     ep.rest_until = time.monotonic() + min(0.2 * 2**ep.failures, MAX_BACKOFF)
+                    ep.verified = False
                 previous = ep
                 if self._cancelled.is_set():
                     raise ServerUnavailableError(

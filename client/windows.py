@@ -36,21 +36,13 @@ def cut(audio: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, np.ndarra
     return starts, np.ascontiguousarray(frames)
 
 
-def stream_windows(
-    blocks: Iterable[np.ndarray], window: int, hop: int
-) -> Iterator[tuple[int, np.ndarray]]:
+class StreamWindower:
     """Windows of a stream of blocks, as ``(start, window)``, in bounded memory.
 
-    Yields exactly the windows :func:`window_starts` describes for the
-    stream's total length, holding at most about ``window + hop`` samples
-    plus one block. The caller learns the total length from
-    :attr:`StreamWindower.n_samples` when it uses :class:`StreamWindower`.
+    :meth:`run` yields exactly the windows :func:`window_starts` describes
+    for the stream's total length, holding at most about ``window + hop``
+    samples plus one block; :attr:`n_samples` is the length seen so far.
     """
-    yield from StreamWindower(window, hop).run(blocks)
-
-
-class StreamWindower:
-    """Stateful form of :func:`stream_windows` that also reports the length seen."""
 
     def __init__(self, window: int, hop: int) -> None:
         if window <= 0 or hop <= 0:

@@ -49,6 +49,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new file in ``path`` durable."""
+    fsync_file(path)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path`` (a file written by someone else, e.g. FAISS, or a directory) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -7,6 +7,7 @@ exit code.
     IndexerError
      ├── ConfigError            bad options, bad or missing configuration files
      ├── ModelContractError     the served model does not carry the contract
+     │    └── ModelChangedError         a server now serves another model than the run began with
      ├── ModelMismatchError     an index built by another model
      ├── ExportError            exporting the model failed
      │    ├── WeightsUnavailableError   weights cannot be fetched or read
@@ -18,6 +19,8 @@ exit code.
      ├── DecodeError            an audio file cannot be decoded (names the file)
      ├── StoreError             the index store cannot be read or written
      └── QueryError             a query cannot be answered
+          ├── ClipTooShortError         a clip shorter than one window (it cannot be matched)
+          └── ClipTooLongError          a clip longer than the cap (decoding stopped there)
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class ConfigError(IndexerError):
 
 class ModelContractError(IndexerError):
     """The served model's configuration lacks or breaks the contract."""
+
+
+class ModelChangedError(ModelContractError):
+    """A server now serves another model than the one the run started with."""
 
 
 class ModelMismatchError(IndexerError):
@@ -84,3 +91,11 @@ class StoreError(IndexerError):
 
 class QueryError(IndexerError):
     """A query cannot be answered."""
+
+
+class ClipTooShortError(QueryError):
+    """A query clip is shorter than one window: a padded window would not match."""
+
+
+class ClipTooLongError(QueryError):
+    """A query clip decodes to more than the most a query may be."""

@@ -1,9 +1,10 @@
-"""Calibration windows for static INT8: from a folder of audio files, or a documented synthetic default.
+"""Calibration windows for static INT8: from a folder of audio, or a documented synthetic default.
 
-Files are decoded with soundfile (libsndfile: wav, flac, ogg, mp3), averaged
-to mono and resampled with soxr, the same rules the client uses, then cut into
-full windows spread over the files. A file that cannot be decoded is skipped
-and named in the log; a folder that yields no window is an error.
+Files are decoded by the client's decoder (:mod:`mert_indexer.client.decode`:
+libsndfile with a PyAV fallback, channels averaged, soxr resampling), so
+calibration hears what indexing will, and cut into full windows spread over
+the files. A file that cannot be decoded is skipped and named in the log; a
+folder that yields no window is an error.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from export import synth
-from mert_indexer.errors import ConfigError
+from mert_indexer.client.decode import AUDIO_SUFFIXES, decode
+from mert_indexer.errors import ConfigError, DecodeError
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus"}
 # The synthetic calibration set uses its own seed so that it never equals the
 # validation set (which would flatter the INT8 gate).
 CALIBRATION_SEED_OFFSET = 7919
@@ -52,14 +53,10 @@ def folder_windows(folder: Path, count: int, window_samples: int, sample_rate: i
     skipped = 0
     for path in files:
         try:
-            audio = decode_mono(path, sample_rate)
-        except (
-            RuntimeError,
-            ValueError,
-            OSError,
-        ) as exc:  # soundfile.LibsndfileError is a RuntimeError
+            audio = decode(path, sample_rate)
+        except DecodeError as exc:
             skipped += 1
-            log.warning("calibration: skipping %s: %s", path, exc)
+            log.warning("calibration: skipping %s: %s", path, exc.reason)
             continue
         available = len(audio) // window_samples
         if available == 0:
@@ -77,15 +74,3 @@ def folder_windows(folder: Path, count: int, window_samples: int, sample_rate: i
             f"--calibration {folder}: no file gave a full {window_samples / sample_rate:g} s window"
         )
     return np.stack(picked[:count]).astype(np.float32)
-
-
-def decode_mono(path: Path, sample_rate: int) -> np.ndarray:
-    """Whole file as float32 mono at ``sample_rate`` (channels averaged, soxr resampling)."""
-    import soundfile
-    import soxr
-
-    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate)
-    return np.asarray(mono, dtype=np.float32)

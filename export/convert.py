@@ -22,7 +22,10 @@ EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 1024**2
 
 
 def export_module(module: Any, example: Any) -> Any:
-    """Trace ``module`` on ``example`` (``[B, samples]``) into an ``onnx.ModelProto`` with a dynamic batch."""
+    """Trace ``module`` on ``example`` (``[B, samples]``) into an ``onnx.ModelProto``.
+
+    The batch axis is dynamic.
+    """
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -47,6 +50,8 @@ def export_module(module: Any, example: Any) -> Any:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     finally:
         quiet.setLevel(level)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no ONNX program")
     return program.model_proto
 
 

@@ -1,4 +1,4 @@
-"""Build or load MERT as a transformers ``HubertModel``: from the hub, a local folder, or random init.
+"""Build or load MERT as a transformers ``HubertModel`` (hub, local folder, random init).
 
 MERT-v1 at inference is HuBERT (verified: same modules, same checkpoint keys),
 so no ``trust_remote_code``: the checkpoint's ``config.json`` fields go into a
@@ -94,7 +94,10 @@ class LoadedModel:
 
 
 def hubert_config(fields: dict[str, Any]) -> Any:
-    """A ``HubertConfig`` for inference: eager attention (plain MatMul/Softmax exports and quantises)."""
+    """A ``HubertConfig`` for inference, with eager attention.
+
+    Plain MatMul/Softmax is what exports and quantises.
+    """
     from transformers import HubertConfig
 
     config = HubertConfig(**fields)
@@ -131,7 +134,10 @@ def load_model(source: str) -> LoadedModel:
 
 
 def fetch_from_hub(repo_id: str) -> Path:
-    """``config.json`` and one weights file, from the local hub cache or the hub; one clear error if neither."""
+    """``config.json`` and one weights file, from the local hub cache or the hub.
+
+    One clear error if neither has them.
+    """
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -181,7 +187,10 @@ def fetch_from_hub(repo_id: str) -> Path:
 
 
 def _unreachable(endpoint: str) -> str | None:
-    """Why the hub clearly cannot be reached, or None: saves huggingface_hub's ~25 s of retries offline."""
+    """Why the hub clearly cannot be reached, or None.
+
+    Saves huggingface_hub's ~25 s of retries offline.
+    """
     if any(
         os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
     ):
@@ -313,7 +322,8 @@ def load_state(model: Any, state: dict[str, Any], folder: Path) -> None:
             source = renamed[key]
             if tuple(source.shape) != tuple(target.shape):
                 raise WeightsUnavailableError(
-                    f"{folder}: {key} has shape {tuple(source.shape)}, the config implies {tuple(target.shape)}"
+                    f"{folder}: {key} has shape {tuple(source.shape)}, "
+                    f"the config implies {tuple(target.shape)}"
                 )
             target.copy_(source.to(torch.float32))
 

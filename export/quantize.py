@@ -1,4 +1,6 @@
-"""Lower-precision variants of the fp32 ONNX graph: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
+"""Lower-precision variants of the fp32 ONNX graph.
+
+Three of them: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
 
 - fp16 is for GPUs. The per-window normalisation, the feature extractor's
   GroupNorm, every LayerNorm and every mean stay fp32: they reduce over
@@ -14,19 +16,39 @@
     TensorRT's explicit quantisation reads (zero points must be 0); the
     config then selects the TensorRT INT8 accelerator. ONNX Runtime CPU runs
     it too (for validation), just not fast.
+  The CPU recipe's weights are 7-bit (``reduce_range``): see "Every x86 CPU"
+  below. TensorRT computes int8 x int8 with int32 accumulation, so the GPU
+  recipe keeps full 8-bit weights, and the export validates it with ONNX
+  Runtime's QDQ fusion disabled (exact simulated quantisation in fp32, the
+  same answer on every CPU), as the embedded server serves it on CPU.
   Either way the convolutional feature extractor stays fp32: its activations
   span the whole dynamic range of the audio, and one scale per tensor
   flattens the quiet parts of transient music (drums, gated noise) to a
   constant that the LayerNorms then amplify (measured, MERT-95M random init:
   cosine down to 0.57 and 74% neighbour agreement with it quantised; 0.996
-  and 98% without).
+  and 98% without; issue 17, conv1..conv6 only, per tensor or per channel:
+  cosine ~0.65, 34-44% agreement on real music, at 2.1-2.4x fp32 speed).
+  ``quantize_feature_convs`` exists to measure that, not to ship it.
 - INT8 dynamic quantises the MatMul weights only: ONNX Runtime's dynamic
   kernels exist on CPU only, and dynamic Conv is slower than fp32 there
   (measured), so convolutions stay fp32. It needs no calibration and is the
   fallback when the static model fails validation. Its activation scales are
   computed per call over the whole batch, so a window's embedding depends
   slightly on the windows batched with it (measured 6e-4 relative; static
-  QDQ and fp32: 2e-7): another reason static is tried first.
+  QDQ and fp32: 2e-7): another reason static is tried first. Its weights
+  are 7-bit too.
+
+Every x86 CPU: a model file is made on one machine and served on others.
+ONNX Runtime's u8 x s8 kernels on AVX2 and on AVX-512 without VNNI multiply
+with ``vpmaddubsw``, which adds two u8 x s8 products into a saturating int16:
+255 x 127 x 2 = 64,770 overflows 32,767, and the result depends on the CPU
+(seen: the TensorRT-recipe test at 97.3% neighbour agreement on a VNNI
+machine got 91.8% on an AVX2 one, reproduced under ``qemu-x86_64 -cpu
+Haswell``). With weights in [-64, 64] the pair sum is at most 255 x 64 x 2 =
+32,640: no saturation anywhere, and VNNI (``vpdpbusd``, int32 accumulation)
+gives the identical integers (measured: bitwise-identical embeddings). ONNX
+Runtime's quantisation docs name this remedy (``reduce_range``) and U8U8;
+see docs/export.md for the measurements.
 """
 
 from __future__ import annotations
@@ -64,15 +86,25 @@ class Int8Recipe:
     gpu_tensorrt: bool  # a Q/DQ model TensorRT can run in INT8
     activations_signed: bool = True
     per_channel: bool = False
+    # 7-bit weights: no int16 saturation in ONNX Runtime's u8 x s8 kernels on CPUs without VNNI.
+    reduce_range: bool = False
+    # Validate (and serve on CPU) with QDQ fusion disabled: the model is meant for another
+    # runtime (TensorRT), whose arithmetic is exact int8 x int8 -> int32.
+    simulate_on_cpu: bool = False
+    # Quantise conv1..conv6 of the waveform feature extractor too (conv0, which feeds the
+    # GroupNorm over the whole window, always stays fp32).
+    quantize_feature_convs: bool = False
 
 
 STATIC_CPU = Int8Recipe(
     "static_qdq_cpu",
-    "static QDQ for ONNX Runtime CPU: uint8 activations, per-tensor int8 weights, "
-    "MinMax calibration; feature extractor fp32",
+    "static QDQ for ONNX Runtime CPU: uint8 activations, per-tensor 7-bit int8 weights "
+    "(reduce_range: the same integers on CPUs with and without VNNI), MinMax calibration; "
+    "feature extractor fp32",
     gpu_tensorrt=False,
     activations_signed=False,
     per_channel=False,
+    reduce_range=True,
 )
 STATIC_GPU = Int8Recipe(
     "static_qdq_tensorrt",
@@ -81,9 +113,13 @@ STATIC_GPU = Int8Recipe(
     gpu_tensorrt=True,
     activations_signed=True,
     per_channel=True,
+    simulate_on_cpu=True,
 )
 DYNAMIC = Int8Recipe(
-    "dynamic_matmul", "dynamic int8, MatMul weights only (ONNX Runtime CPU only)", False
+    "dynamic_matmul",
+    "dynamic int8, MatMul weights only, 7-bit weights (ONNX Runtime CPU only)",
+    False,
+    reduce_range=True,
 )
 RECIPES = {recipe.method: recipe for recipe in (STATIC_CPU, STATIC_GPU, DYNAMIC)}
 
@@ -144,9 +180,19 @@ class _WindowReader:
 
 
 def to_int8_static(
-    fp32_path: Path, out_path: Path, calibration: np.ndarray, recipe: Int8Recipe
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    recipe: Int8Recipe,
+    *,
+    calibration_cache: Path | None = None,
 ) -> Path:
-    """Calibrated QDQ model at ``out_path``; ``calibration`` is already in the model's input dtype."""
+    """Calibrated QDQ model at ``out_path``.
+
+    ``calibration`` is already in the model's input dtype. ``calibration_cache``
+    (a JSON file, written on first use) lets several recipes share one
+    calibration pass over the same fp32 model and windows.
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -169,7 +215,8 @@ def to_int8_static(
             prepared = fp32_path
         import onnx
 
-        keep_fp32 = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
+        feature_convs = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
+        keep_fp32 = feature_convs[:1] if recipe.quantize_feature_convs else feature_convs
         try:
             quantize_static(
                 str(prepared),
@@ -178,6 +225,7 @@ def to_int8_static(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(STATIC_OP_TYPES),
                 per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
                 activation_type=QuantType.QInt8 if recipe.activations_signed else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -186,6 +234,7 @@ def to_int8_static(
                     "ActivationSymmetric": recipe.activations_signed,
                     "WeightSymmetric": True,
                 },
+                calibration_cache_path=calibration_cache,
             )
         except Exception as exc:
             raise ExportError(
@@ -205,6 +254,7 @@ def to_int8_dynamic(fp32_path: Path, out_path: Path) -> Path:
             op_types_to_quantize=["MatMul"],
             weight_type=QuantType.QInt8,
             per_channel=False,
+            reduce_range=DYNAMIC.reduce_range,
             extra_options={"MatMulConstBOnly": True},
         )
     except Exception as exc:

@@ -1,4 +1,6 @@
-"""The Triton model repository: ``config.pbtxt`` (export-owned block + user-owned rest) and the model files.
+"""The Triton model repository: ``config.pbtxt`` and the model files.
+
+``config.pbtxt`` is an export-owned block plus a user-owned rest.
 
 Ownership: the export owns the input/output signature, the contract
 parameters, the warm-up request and (INT8 static) the TensorRT INT8
@@ -82,7 +84,8 @@ def render_block(spec: BlockSpec, with_optimization: bool) -> str:
     ]
     for key in sorted(spec.params):
         lines.append(
-            f'parameters {{ key: "{key}" value: {{ string_value: "{_escape(spec.params[key])}" }} }}'
+            f'parameters {{ key: "{key}" '
+            f'value: {{ string_value: "{_escape(spec.params[key])}" }} }}'
         )
     lines += [
         "model_warmup [",
@@ -111,7 +114,8 @@ def render_block(spec: BlockSpec, with_optimization: bool) -> str:
             "      {",
             '        name : "tensorrt"',
             '        parameters { key: "precision_mode" value: "INT8" }',
-            f'        parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}',
+            '        parameters { key: "max_workspace_size_bytes" '
+            f'value: "{TRT_WORKSPACE_BYTES}" }}',
             '        parameters { key: "trt_engine_cache_enable" value: "true" }',
             "      }",
             "    ]",
@@ -142,6 +146,10 @@ max_batch_size: {DEFAULT_MAX_BATCH_SIZE}
 
 dynamic_batching {{
   max_queue_delay_microseconds: {DEFAULT_QUEUE_DELAY_US}
+  # Two queues: interactive queries (indexer-search-serve) ask for level 1 and
+  # are batched first; everything else (indexing) gets the default, level 2.
+  priority_levels: 2
+  default_priority_level: 2
 }}
 
 # One instance on GPU 0. More GPUs: list them (gpus: [ 0, 1 ]) or add groups;
@@ -194,7 +202,10 @@ def check_existing(path: Path, name: str) -> None:
 
 
 def _user_part(path: Path, name: str) -> tuple[str, str, Any]:
-    """``(before, after, parsed)``: the user-owned text around the export block (the template if new)."""
+    """``(before, after, parsed)``: the user-owned text around the export block.
+
+    A new file gets the template.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -216,7 +227,10 @@ def _user_part(path: Path, name: str) -> tuple[str, str, Any]:
 
 
 def compose_config(path: Path, name: str, spec: BlockSpec) -> str:
-    """The new config text: the user's part kept verbatim, the export block rewritten, all checked."""
+    """The new config text: the user's part kept verbatim, the export block rewritten.
+
+    All of it is checked.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 

@@ -92,7 +92,10 @@ def load(options: ExportOptions) -> Any:
 
 
 def run_export(options: ExportOptions) -> ExportResult:
-    """Export, validate and install one model as ``options`` says; raises a typed error otherwise."""
+    """Export, validate and install one model as ``options`` says.
+
+    Raises a typed error otherwise.
+    """
     started = time.monotonic()
     model_dir = options.output / options.name
     # Fail fast on a config we could not update, before minutes of export work.
@@ -121,10 +124,21 @@ def run_export(options: ExportOptions) -> ExportResult:
         fp32_path = build_fp32(
             loaded, layers, options.input_dtype, samples, work / "fp32" / repo.MODEL_FILE
         )
-        log.info("computing the PyTorch reference on %d validation windows", count)
-        from export.reference import reference_embeddings
+        from export.reference import gate_reference, reference_embeddings
 
-        reference = reference_embeddings(loaded.model, audio, layers)
+        if options.precision == "fp32":
+            log.info("computing the PyTorch reference on %d validation windows", count)
+            reference = reference_embeddings(loaded.model, audio, layers)
+        else:
+            # PyTorch proves the fp32 ONNX on the first windows, which then computes the rest.
+            reference = gate_reference(
+                loaded.model,
+                loaded.weights_sha256,
+                fp32_path,
+                audio,
+                layers,
+                min(count, FP32_PARITY_WINDOWS),
+            ).embeddings
         if options.precision == "fp32":
             candidates = [("fp32", lambda: fp32_path)]
         elif options.precision == "fp16":
@@ -299,9 +313,17 @@ def check(
     reference: np.ndarray,
     metadata: dict[str, str],
 ) -> validate.Report:
-    """Every gate, on the exact file that would be installed."""
-    session = validate.session(path)
+    """Every gate, on the exact file that would be installed.
+
+    A model meant for TensorRT is measured with QDQ simulated in fp32 (exact,
+    CPU-independent), not with ONNX Runtime's fused CPU int8 kernels.
+    """
+    from export.quantize import RECIPES
+
+    recipe = RECIPES.get(metadata.get("export.int8_method", ""))
+    simulate = bool(recipe and recipe.simulate_on_cpu)
+    session = validate.session(path, simulate_qdq=simulate)
     validate.check_signature(session, options.input_dtype, samples, embedding_dim)
     validate.check_metadata(session, metadata)
     embeddings = validate.run(session, audio)
-    return validate.gate(options.precision, embeddings, reference)
+    return validate.gate(options.precision, embeddings, reference, simulated_qdq=simulate)

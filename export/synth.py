@@ -17,13 +17,18 @@ KINDS = ("tone", "chord", "melody", "drums", "noise", "mix")
 
 
 def windows(count: int, window_samples: int, sample_rate: int, seed: int) -> np.ndarray:
-    """See :func:`_windows`; a fresh (writable) copy of a small cache, since every export draws the same set."""
+    """See :func:`_windows`; a fresh (writable) copy of a small cache.
+
+    Cached because every export draws the same set.
+    """
     return _windows(count, window_samples, sample_rate, seed).copy()
 
 
 @functools.lru_cache(maxsize=2)
 def _windows(count: int, window_samples: int, sample_rate: int, seed: int) -> np.ndarray:
-    """``[count, window_samples]`` float32 in [-1, 1]: ``count // 2`` pieces, each cut at two offsets.
+    """``[count, window_samples]`` float32 in [-1, 1].
+
+    ``count // 2`` pieces, each cut at two offsets.
 
     Every piece is its own draw (kind, pitch, tempo, timbre, level), so pieces
     are genuinely different. Each is heard twice, the second window starting
@@ -155,7 +160,10 @@ def _noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 
 def _mix(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     parts = [_drums(rng, n, sr), _chord(rng, n, sr), _melody(rng, n, sr)]
-    return sum(p / (np.max(np.abs(p)) or 1.0) * rng.uniform(0.2, 1.0) for p in parts)
+    mixed = np.zeros(n, np.float64)
+    for p in parts:
+        mixed += p / (np.max(np.abs(p)) or 1.0) * rng.uniform(0.2, 1.0)
+    return mixed
 
 
 _KIND_FUNCS = {

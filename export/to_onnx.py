@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
         "--int8-method",
         choices=INT8_METHODS,
         default="auto",
-        help="auto: static QDQ; for the cpu target falling back to dynamic MatMul-only if it fails validation",
+        help=(
+            "auto: static QDQ; for the cpu target falling back to dynamic MatMul-only "
+            "if it fails validation"
+        ),
     )
     parser.add_argument(
         "--int8-target",
@@ -167,7 +170,10 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
 
 
 class _ThirdPartyNoise(logging.Filter):
-    """Drop what the exporter's optimiser and ONNX Runtime's quantiser narrate on the root logger."""
+    """Drop what the exporter's optimiser and ONNX Runtime's quantiser narrate.
+
+    Both log on the root logger.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:

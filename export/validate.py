@@ -17,8 +17,9 @@ pathological window should not veto a model; a systematic loss still fails.
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,42 @@ MIN_COSINE = 0.99
 COSINE_EXCEPTIONS = 0.01  # share of windows allowed below MIN_COSINE
 MIN_RETRIEVAL_AGREEMENT = 0.95
 
+# /proc/cpuinfo flags that decide which int8 kernels ONNX Runtime runs on x86.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The int8-relevant vector extensions of this machine's CPU (empty where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return tuple(flag for flag in CPU_FLAGS if flag in present)
+    return ()
+
+
+def cpu_class() -> str:
+    """One phrase for the CPU class the int8 kernels depend on, with the flags seen.
+
+    e.g. ``AVX-512 VNNI (avx2 avx512f avx512_vnni)`` or ``AVX2, no VNNI (avx2)``.
+    """
+    flags = cpu_flags()
+    if "avx512_vnni" in flags:
+        name = "AVX-512 VNNI"
+    elif "avx_vnni" in flags:
+        name = "AVX-VNNI"
+    elif "avx512f" in flags:
+        name = "AVX-512, no VNNI"
+    elif "avx2" in flags:
+        name = "AVX2, no VNNI"
+    else:
+        name = "no AVX2 (or not x86)"
+    return f"{name} ({' '.join(flags) or 'no flags read'})"
+
 
 @dataclass(frozen=True)
 class Report:
@@ -46,6 +83,8 @@ class Report:
     mean_cosine: float
     below_min_cosine: int  # windows under MIN_COSINE
     retrieval_agreement: float | None  # None where not gated (fp32)
+    cpu: str = field(default_factory=cpu_class)  # the CPU class the candidate ran on
+    simulated_qdq: bool = False  # QDQ fusion off: exact simulated quantisation in fp32
 
     def summary(self) -> str:
         parts = [
@@ -56,15 +95,26 @@ class Report:
         ]
         if self.retrieval_agreement is not None:
             parts.append(f"nearest-neighbour agreement {self.retrieval_agreement:.1%}")
+        parts.append(f"CPU {self.cpu}" + (", QDQ simulated in fp32" if self.simulated_qdq else ""))
         return ", ".join(parts)
 
 
-def session(path: Path) -> Any:
-    """A CPU ONNX Runtime session (the gates run where the export runs)."""
+def session(path: Path, *, simulate_qdq: bool = False) -> Any:
+    """A CPU ONNX Runtime session (the gates run where the export runs).
+
+    ``simulate_qdq`` turns ONNX Runtime's QDQ fusion off: each QuantizeLinear /
+    DequantizeLinear pair then runs in fp32, which is exact simulated
+    quantisation and the same on every CPU. That is how a model meant for
+    another runtime (the TensorRT recipe) is measured: ORT's fused CPU int8
+    kernels would measure their own arithmetic, which on CPUs without VNNI
+    saturates for full-range int8 weights.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if simulate_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -72,7 +122,11 @@ def session(path: Path) -> Any:
 
 
 def check_signature(sess: Any, input_dtype: str, window_samples: int, embedding_dim: int) -> None:
-    """One input ``AUDIO [batch, window]`` of the promised dtype, one output ``EMBEDDING [batch, D]`` float32."""
+    """Check the signature: one input, one output.
+
+    Input ``AUDIO [batch, window]`` of the promised dtype, output
+    ``EMBEDDING [batch, D]`` float32.
+    """
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
         raise ValidationError(
@@ -92,7 +146,10 @@ def check_signature(sess: Any, input_dtype: str, window_samples: int, embedding_
 
 
 def check_metadata(sess: Any, expected: dict[str, str]) -> None:
-    """The model file itself carries its identity (the contract keys), as read back by ONNX Runtime."""
+    """The model file itself carries its identity (the contract keys).
+
+    Read back by ONNX Runtime.
+    """
     found = sess.get_modelmeta().custom_metadata_map
     wrong = sorted(k for k, v in expected.items() if found.get(k) != v)
     if wrong:
@@ -107,7 +164,8 @@ def run(sess: Any, audio: np.ndarray, batch_size: int = 4) -> np.ndarray:
         (result,) = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})
         if result.shape[0] != len(batch) or result.dtype != np.float32:
             raise ValidationError(
-                f"batch of {len(batch)} gave output {result.shape} {result.dtype}, expected [{len(batch)}, D] float32"
+                f"batch of {len(batch)} gave output {result.shape} {result.dtype}, "
+                f"expected [{len(batch)}, D] float32"
             )
         out.append(result)
     return np.concatenate(out)
@@ -138,8 +196,13 @@ def retrieval_agreement(candidate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(nearest_neighbours(candidate) == nearest_neighbours(reference)))
 
 
-def gate(precision: str, candidate: np.ndarray, reference: np.ndarray) -> Report:
-    """Measure ``candidate`` against ``reference``; raise :class:`ValidationError` on a failed gate."""
+def gate(
+    precision: str, candidate: np.ndarray, reference: np.ndarray, *, simulated_qdq: bool = False
+) -> Report:
+    """Measure ``candidate`` against ``reference``.
+
+    Raises :class:`ValidationError` on a failed gate; its message names the CPU class.
+    """
     if candidate.shape != reference.shape:
         raise ValidationError(f"output shape {candidate.shape}, PyTorch gives {reference.shape}")
     if not np.all(np.isfinite(candidate)):
@@ -155,14 +218,16 @@ def gate(precision: str, candidate: np.ndarray, reference: np.ndarray) -> Report
         mean_cosine=float(cos.mean()),
         below_min_cosine=int(np.sum(cos < MIN_COSINE)),
         retrieval_agreement=retrieval_agreement(candidate, reference) if gated_retrieval else None,
+        simulated_qdq=simulated_qdq,
     )
+    where = f" (CPU {report.cpu}{', QDQ simulated in fp32' if simulated_qdq else ''})"
     log.info("validation: %s", report.summary())
     if precision == "fp32":
         if report.max_rel_l2 > FP32_MAX_REL_L2:
             worst = int(errors.argmax())
             raise ValidationError(
                 f"fp32 output differs from PyTorch: relative L2 {report.max_rel_l2:.2e} "
-                f"(window {worst}) > {FP32_MAX_REL_L2:g}"
+                f"(window {worst}) > {FP32_MAX_REL_L2:g}{where}"
             )
         return report
     allowed = int(COSINE_EXCEPTIONS * report.windows)
@@ -170,12 +235,13 @@ def gate(precision: str, candidate: np.ndarray, reference: np.ndarray) -> Report
         raise ValidationError(
             f"{precision}: cosine similarity to fp32 PyTorch is below {MIN_COSINE} for "
             f"{report.below_min_cosine} of {report.windows} windows (at most {allowed} allowed; "
-            f"worst {report.min_cosine:.4f}, window {int(cos.argmin())})"
+            f"worst {report.min_cosine:.4f}, window {int(cos.argmin())}){where}"
         )
     assert report.retrieval_agreement is not None
     if report.retrieval_agreement < MIN_RETRIEVAL_AGREEMENT:
         raise ValidationError(
             f"{precision}: nearest neighbour agrees with fp32 PyTorch for only "
-            f"{report.retrieval_agreement:.1%} of {report.windows} windows (< {MIN_RETRIEVAL_AGREEMENT:.0%})"
+            f"{report.retrieval_agreement:.1%} of {report.windows} windows "
+            f"(< {MIN_RETRIEVAL_AGREEMENT:.0%}){where}"
         )
     return report

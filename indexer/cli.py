@@ -23,6 +23,8 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="indexer-merge",
         description="Merge index stores built separately (shards) into one and build its index. "
+        "DEST mirrors the sources: rerunning after a source changed copies what is new, "
+        "replaces what changed and removes what no source holds. "
         "Refuses stores built by different models.",
     )
     parser.add_argument("dest", type=Path, help="destination index directory (made if absent)")
@@ -52,13 +54,25 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         result = merge_stores(
             args.sources, args.dest, build=not args.no_build, kind=args.kind, progress=args.progress
         )
+    except KeyboardInterrupt:
+        print(
+            "indexer-merge: interrupted; what was committed stays, rerun to finish", file=sys.stderr
+        )
+        return 130
     except IndexerError as exc:
         print(f"indexer-merge: error: {exc}", file=sys.stderr)
         return 1
     index = result.get("index") or {}
     summary = {
         k: result[k]
-        for k in ("sources", "tracks_added", "tracks_already_present", "duplicates", "failures")
+        for k in (
+            "sources",
+            "tracks_added",
+            "tracks_already_present",
+            "entries_removed",
+            "duplicates",
+            "failures",
+        )
     }
     summary["index"] = {k: index[k] for k in ("kind", "n_vectors", "bytes") if k in index} or None
     print(json.dumps(summary))

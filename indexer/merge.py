@@ -1,24 +1,40 @@
 """Merge stores built separately (shards) into one, refusing mixed models.
 
-The merged store holds exactly what one run over all the shards' files would
-hold: every (track, window) once. Content indexed in two shards under two
-paths is kept once and the later path recorded as its duplicate, as a single
-run records it; a path present in two sources with the same content is taken
-once (so a merge can be rerun). Vectors are copied segment by segment in
-commits of bounded size, so a merge never holds a shard in memory; only live
-rows are copied, which makes ``merge_stores([store], new_dir)`` a compaction.
+The destination mirrors its sources: after a merge it holds exactly what one
+run over all the sources' files would hold, every (track, window) once, and
+nothing else. Content indexed in two shards under two paths is kept once and
+the later path recorded as its duplicate, as a single run records it; a path
+present in two sources with the same content is taken once.
+
+Incremental and re-runnable: a merge into an existing destination copies only
+tracks it lacks, replaces a track whose content changed in its source, and
+removes what no source holds any more (a track pruned in a shard). Each source
+is read from one read transaction (:meth:`IndexStore.snapshot`), so a shard
+still being written is copied as of one commit, never half of one. Vectors are
+copied segment by segment in commits of bounded size, so a merge never holds a
+shard in memory; only live rows are copied, which makes
+``merge_stores([store], new_dir)`` a compaction. An interrupted merge leaves
+a destination that the next merge completes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mert_indexer.errors import ModelMismatchError, StoreError
-from mert_indexer.indexer.faiss_index import IndexOptions
-from mert_indexer.indexer.store import IndexStore, IngestPlan, PendingFile, identity_differences
+from mert_indexer.indexer import faults
+from mert_indexer.indexer.catalog import TrackRow
+from mert_indexer.indexer.kinds import IndexOptions
+from mert_indexer.indexer.plan import IngestPlan, PendingFile
+from mert_indexer.indexer.store import IndexStore, StoreSnapshot, identity_differences
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +50,7 @@ def merge_stores(
     options: IndexOptions | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Copy every source store into ``dest`` (made if absent) and build its index.
+    """Make ``dest`` (made if absent) mirror the source stores, and build its index.
 
     Raises :class:`ModelMismatchError` when the sources (or an existing
     ``dest``) were built by different models, naming the store and the fields.
@@ -44,10 +60,10 @@ def merge_stores(
     dest = Path(dest)
     if any(Path(s).resolve() == dest.resolve() for s in sources):
         raise StoreError(f"{dest}: the destination is also a source")
-    stores = []
-    try:
+    stores: list[IndexStore] = []
+    with contextlib.ExitStack() as stack:
         for src in sources:
-            stores.append(IndexStore.open(src, None, create=False))
+            stores.append(stack.enter_context(IndexStore.open(src, None, create=False)))
         first = stores[0]
         for other in stores[1:]:
             diffs = identity_differences(first.identity, other.identity)
@@ -55,69 +71,126 @@ def merge_stores(
                 raise ModelMismatchError(
                     f"{other.root}: built by another model than {first.root} ({'; '.join(diffs)})"
                 )
+        snaps = [(s.root, stack.enter_context(s.snapshot())) for s in stores]
+        wanted = _wanted(snaps)
         with IndexStore.open(dest, first.identity, create=True) as out:
-            counts = _copy_all(stores, out)
+            counts = _sync(wanted, out)
+            counts["sources"] = len(stores)
             counts["index"] = (
                 out.build_index(kind=kind, options=options, progress=progress) if build else None
             )
             counts["stats"] = {
                 k: v for k, v in out.stats().items() if k not in ("identity", "index")
             }
-    finally:
-        for s in stores:
-            s.close()
     counts["dest"] = str(dest)
     return counts
 
 
-def _copy_all(sources: list[IndexStore], out: IndexStore) -> dict[str, Any]:
-    added = present = dup = failed = 0
-    holder: dict[str, str] = {}  # content hash -> path holding it in ``out``
-    for t in out.tracks():
-        holder.setdefault(t.content_hash, t.path)
-    for src in sources:
-        for track, starts, vectors in src.iter_windows():
-            pending = PendingFile(track.path, track.content_hash, track.size, track.mtime_ns)
-            status = out.status(track.path)
-            if status is not None and status[1] == track.content_hash:
-                present += 1
-                continue
-            if status is not None:
+@dataclass
+class _Wanted:
+    """What the destination must hold: the union of the sources' snapshots."""
+
+    tracks: dict[str, tuple[StoreSnapshot, TrackRow]] = field(default_factory=dict)
+    duplicates: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    holder: dict[str, str] = field(default_factory=dict)  # content hash -> path of its track
+    dangling: int = 0
+
+
+def _wanted(snaps: list[tuple[Path, StoreSnapshot]]) -> _Wanted:
+    w = _Wanted()
+    for root, snap in snaps:
+        for t in snap.tracks:
+            if not os.path.isabs(t.path):
                 raise StoreError(
-                    f"{track.path}: indexed with different content in {src.root} and in an earlier "
-                    "source or the destination; which one is current cannot be told"
+                    f"{root}: catalog schema 1 with relative paths ({t.path!r}); open it for "
+                    "writing once from the folder it was built in (an indexer-client run) to "
+                    "migrate it to absolute paths, then merge"
                 )
-            if track.content_hash in holder:
-                out.apply(IngestPlan(duplicates=((pending, holder[track.content_hash]),)))
-                dup += 1
+            taken = w.tracks.get(t.path)
+            if taken is not None:
+                if taken[1].content_hash != t.content_hash:
+                    raise StoreError(
+                        f"{t.path}: indexed with different content in {root} and in an earlier "
+                        "source; which one is current cannot be told"
+                    )
                 continue
-            out.add_track(
-                pending,
-                n_samples=track.n_samples,
-                sample_rate=track.sample_rate,
-                starts=starts,
-                embeddings=vectors,
-            )
-            holder[track.content_hash] = track.path
-            added += 1
-            if out.pending_windows >= COMMIT_WINDOWS:
-                out.commit()
-        out.commit()
-        for path, (content, size, mtime_ns) in src.duplicates().items():
-            if out.status(path) is None:
-                pending = PendingFile(path, content, size, mtime_ns)
-                out.apply(IngestPlan(duplicates=((pending, holder.get(content, "")),)))
-                dup += 1
-        for path, reason in src.failures().items():
-            if out.status(path) is None:
-                out.record_failure(path, reason)
-                failed += 1
-        out.commit()
-        log.info("merged %s", src.root)
+            if t.content_hash in w.holder:
+                w.duplicates.setdefault(t.path, (t.content_hash, t.size, t.mtime_ns))
+                continue
+            w.tracks[t.path] = (snap, t)
+            w.holder[t.content_hash] = t.path
+    for _, snap in snaps:
+        for path, (content, size, mtime_ns) in snap.duplicates.items():
+            if path in w.tracks:
+                continue
+            if content not in w.holder:
+                w.dangling += 1  # a copy whose original no source holds: never embedded
+                continue
+            w.duplicates.setdefault(path, (content, size, mtime_ns))
+    for _, snap in snaps:
+        for path, reason in snap.failures.items():
+            if path not in w.tracks and path not in w.duplicates:
+                w.failures.setdefault(path, reason)
+    return w
+
+
+def _sync(w: _Wanted, out: IndexStore) -> dict[str, Any]:
+    have = {t.path: t for t in out.tracks()}
+    kept = {
+        p
+        for p, t in have.items()
+        if p in w.tracks
+        and (w.tracks[p][1].content_hash, w.tracks[p][1].n_windows) == (t.content_hash, t.n_windows)
+    }
+    have_dups, have_failures = out.duplicates(), out.failures()
+    stale = [p for p in have if p not in kept]
+    stale += [p for p, d in have_dups.items() if w.duplicates.get(p, ("",))[0] != d[0]]
+    stale += [p for p, r in have_failures.items() if w.failures.get(p) != r]
+    faults.point("merge.prune")
+    removed = out.prune(stale, hand_over=False)
+
+    added = 0
+    for path, (snap, t) in w.tracks.items():
+        if path in kept:
+            continue
+        rows = slice(t.first_row, t.first_row + t.n_windows)
+        faults.point("merge.copy")
+        out.add_track(
+            PendingFile(path, t.content_hash, t.size, t.mtime_ns),
+            n_samples=t.n_samples,
+            sample_rate=t.sample_rate,
+            starts=np.array(snap.reader.starts(t.segment)[rows]),
+            embeddings=np.array(snap.reader.vectors(t.segment)[rows]),
+        )
+        added += 1
+        if out.pending_windows >= COMMIT_WINDOWS:
+            faults.point("merge.commit")
+            out.commit()
+    faults.point("merge.commit")
+    out.commit()
+
+    have_dups = out.duplicates()
+    dups = tuple(
+        (PendingFile(p, h, size, mtime_ns), w.holder[h])
+        for p, (h, size, mtime_ns) in w.duplicates.items()
+        if have_dups.get(p, ("",))[0] != h
+    )
+    out.apply(IngestPlan(duplicates=dups))
+    have_failures = out.failures()
+    failed = 0
+    for path, reason in w.failures.items():
+        if have_failures.get(path) != reason:
+            out.record_failure(path, reason)
+            failed += 1
+    faults.point("merge.commit")
+    out.commit()
+    if w.dangling:
+        log.warning("%d duplicates in the sources point at content no source holds", w.dangling)
     return {
-        "sources": len(sources),
         "tracks_added": added,
-        "tracks_already_present": present,
-        "duplicates": dup,
+        "tracks_already_present": len(kept),
+        "entries_removed": removed,
+        "duplicates": len(dups),
         "failures": failed,
     }

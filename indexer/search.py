@@ -7,7 +7,7 @@ window within half a hop of it -- a near-duplicate of it -- while the other
 clip windows only partly overlap indexed windows. The search is built on that:
 
 1. each clip window asks for its ``k`` nearest indexed windows (cosine around
-   the catalogue mean, see :mod:`mert_indexer.indexer.faiss_index`);
+   the catalogue mean, see :mod:`mert_indexer.indexer.kinds`);
 2. a hit's *evidence* is how far its similarity stands above a background, on
    the way to 1: ``e = (sim - b) / (1 - b)``, clipped to [0, 1]. The background
    ``b`` of a clip window is the higher of (a) the best similarity of its 3rd
@@ -57,14 +57,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from mert_indexer.errors import QueryError
-from mert_indexer.indexer.faiss_index import INDEX_DIR, LoadedIndex, track_rank_similarity
-from mert_indexer.indexer.store import SEGMENTS_DIR
+from mert_indexer.indexer.calibration import background
+from mert_indexer.indexer.generation import INDEX_DIR
+from mert_indexer.indexer.loaded import LoadedIndex
+from mert_indexer.indexer.segments import SEGMENTS_DIR
 
 DEFAULT_MIN_SCORE = 0.6
 
@@ -73,9 +74,10 @@ DEFAULT_MIN_SCORE = 0.6
 class Match:
     """A track the clip comes from, where in it the clip starts, and how sure."""
 
-    track: str
+    track: str  # the path as indexed
     offset_seconds: float
     score: float
+    track_id: int  # the catalog's id of the track (never reused)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,11 @@ class SearchOptions:
 
 
 class Searcher:
-    """Loads the built index of ``index_dir`` once and answers queries. Not thread-safe.
+    """Loads the built index of ``index_dir`` once and answers queries.
+
+    Safe to share between threads: after construction it holds only read-only
+    state (the loaded generation, see :class:`mert_indexer.indexer.loaded.LoadedIndex`,
+    and frozen options); :meth:`search` keeps its working arrays local.
 
     Raises :class:`mert_indexer.errors.StoreError` when no index has been built.
     """
@@ -111,26 +117,36 @@ class Searcher:
             self.identity["sample_rate"]
         )
 
+    @property
+    def index(self) -> LoadedIndex:
+        """The loaded generation this searcher answers from (read-only; shared safely)."""
+        return self._index
+
     def search(
-        self, embeddings: np.ndarray, clip_starts: np.ndarray, *, top: int = 5
+        self,
+        embeddings: np.ndarray,
+        clip_starts: np.ndarray,
+        *,
+        top: int = 5,
+        options: SearchOptions | None = None,
     ) -> list[Match]:
         """Best ``top`` tracks for a clip's window embeddings, or ``[]`` for no match.
 
         ``clip_starts``: seconds where each window starts within the clip.
+        ``options`` overrides the searcher's own for this call (e.g. ``min_score``).
         """
         emb, starts = self._check(embeddings, clip_starts)
-        opts = self.options
+        opts = options or self.options
         if self._index.ntotal == 0:
             return []
         q = self._index.prepare(emb)
         sims, ids = self._index.knn(emb, max(2, min(opts.k, self._index.ntotal)))
         runs = np.full(ids.shape, -1, np.int64)
         runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
-        background = self._background(sims, runs)
-        scale = np.maximum(1.0 - background, 1e-6)
-        evidence = np.where(
-            runs >= 0, np.clip((sims - background[:, None]) / scale[:, None], 0, 1), 0
-        )
+        floor = self.info["params"].get("null_similarity")
+        bg = background(sims, runs, opts.background_rank, None if opts.min_score is None else floor)
+        scale = np.maximum(1.0 - bg, 1e-6)
+        evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
 
         j, col = np.nonzero(evidence > 0)
         if len(j) == 0:
@@ -151,31 +167,24 @@ class Searcher:
                 if any(abs(offsets[h] - o) <= self._window_seconds / 2 for o in tried):
                     continue
                 tried.append(float(offsets[h]))
-                best = max(best, self._verify(q, starts, background, scale, r, float(offsets[h])))
+                best = max(best, self._verify(q, starts, bg, scale, r, float(offsets[h])))
             if opts.min_score is None or best[0] >= opts.min_score:
-                results.append(Match(self._index.paths[r], max(0.0, best[1]), round(best[0], 4)))
+                results.append(
+                    Match(
+                        self._index.paths[r],
+                        max(0.0, best[1]),
+                        round(best[0], 4),
+                        int(self._index.runs[r, 4]),
+                    )
+                )
         results.sort(key=lambda m: -m.score)
         return results[:top]
-
-    def _background(self, sims: np.ndarray, runs: np.ndarray) -> np.ndarray:
-        """Per clip window: the best similarity of its ``background_rank``-th most similar track.
-
-        What mere resemblance reaches (same style, same instrument), measured
-        where the clip is; a copy of the clip stands far above it. Fewer distinct
-        tracks among the neighbours: the last neighbour's similarity, a higher,
-        hence stricter, background.
-        """
-        local = track_rank_similarity(sims, runs, self.options.background_rank)
-        floor = self.info["params"].get("null_similarity")
-        if floor is None or self.options.min_score is None:
-            return local
-        return np.maximum(local, floor)
 
     def _verify(
         self,
         q: np.ndarray,
         starts: np.ndarray,
-        background: np.ndarray,
+        bg: np.ndarray,
         scale: np.ndarray,
         run: int,
         offset: float,
@@ -198,7 +207,7 @@ class Searcher:
         delta = track_starts[None, :] - (offset + starts[:, None])
         aligned = np.where(np.abs(delta) <= w / 2, sims, -np.inf)
         jp, ip = np.unravel_index(int(np.argmax(aligned)), aligned.shape)
-        offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
+        offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], int(jp))
         # Aligned pairs: each indexed window the clip contains, with its nearest clip window.
         gap = np.abs(offset + starts[:, None] - track_starts[None, :])  # [clip, track] windows
         pair_j = np.argmin(gap, axis=0)
@@ -209,7 +218,7 @@ class Searcher:
             inside = np.array([ip])
         pair_j = pair_j[inside]
         got = sims[pair_j, inside]
-        evidence = np.clip((got - background[pair_j]) / scale[pair_j], 0.0, 1.0)
+        evidence = np.clip((got - bg[pair_j]) / scale[pair_j], 0.0, 1.0)
         return float(np.mean(evidence)), offset
 
     @staticmethod
@@ -254,10 +263,5 @@ class Searcher:
     def __enter__(self) -> Searcher:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

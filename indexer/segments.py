@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from mert_indexer.atomic import fsync_dir
+from mert_indexer.errors import StoreError
+from mert_indexer.indexer import faults
 
+SEGMENTS_DIR = "segments"  # inside a store's folder
 VECTOR_DTYPE = np.dtype("<f2")
 START_DTYPE = np.dtype("<i8")
 DEFAULT_SEGMENT_BYTES = 1 << 30  # ~700k windows of D = 768 per segment
@@ -85,13 +89,16 @@ class SegmentWriter:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
                 try:
                     os.lseek(fd, first_row * row_bytes, os.SEEK_SET)
-                    _write_all(fd, memoryview(np.ascontiguousarray(data)).cast("B"))
+                    faults.point("segment.write")
+                    _write_all(fd, np.ascontiguousarray(data).data.cast("B"))
+                    faults.point("segment.fsync")
                     os.fsync(fd)
                 finally:
                     os.close(fd)
             except OSError as exc:  # name the file: os.write's errors do not
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
         if created:
+            faults.point("segment.dir_fsync")
             fsync_dir(self.root)
 
     def truncate(self, segment: int, rows: int) -> None:
@@ -101,9 +108,12 @@ class SegmentWriter:
             (starts_path(self.root, segment), START_DTYPE.itemsize),
         ):
             if rows == 0:
+                if path.exists():
+                    faults.point("segment.truncate")
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             elif path.exists() and path.stat().st_size > rows * row_bytes:
+                faults.point("segment.truncate")
                 os.truncate(path, rows * row_bytes)
 
     def recover(self, committed: dict[int, int]) -> None:
@@ -122,7 +132,8 @@ class SegmentReader:
     """Read-only, memory-mapped view of the committed rows of every segment.
 
     Rows appended after the reader was made are not seen: each map covers the
-    row count the caller passed, which is what a built index refers to.
+    row count the caller passed, which is what a built index refers to. Safe to
+    share between threads: maps are made once, under a lock, and only read.
     """
 
     def __init__(self, root: Path, dim: int, rows: dict[int, int]) -> None:
@@ -131,28 +142,35 @@ class SegmentReader:
         self.rows = dict(rows)
         self._vectors: dict[int, np.ndarray] = {}
         self._starts: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def vectors(self, segment: int) -> np.ndarray:
         """float16 [rows, dim] map of one segment."""
         mm = self._vectors.get(segment)
         if mm is None:
-            mm = self._map(
-                vectors_path(self.root, segment), VECTOR_DTYPE, (self.rows[segment], self.dim)
-            )
-            self._vectors[segment] = mm
+            with self._lock:
+                mm = self._vectors.get(segment)
+                if mm is None:
+                    mm = self._vectors[segment] = self._map(
+                        vectors_path(self.root, segment),
+                        VECTOR_DTYPE,
+                        (self.rows[segment], self.dim),
+                    )
         return mm
 
     def starts(self, segment: int) -> np.ndarray:
         """int64 [rows] map of one segment's window starts."""
         mm = self._starts.get(segment)
         if mm is None:
-            mm = self._map(starts_path(self.root, segment), START_DTYPE, (self.rows[segment],))
-            self._starts[segment] = mm
+            with self._lock:
+                mm = self._starts.get(segment)
+                if mm is None:
+                    mm = self._starts[segment] = self._map(
+                        starts_path(self.root, segment), START_DTYPE, (self.rows[segment],)
+                    )
         return mm
 
     def _map(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        from mert_indexer.errors import StoreError
-
         need = int(np.prod(shape)) * dtype.itemsize
         try:
             size = path.stat().st_size

@@ -1,8 +1,15 @@
 """IndexStore: the durable, resumable store of one catalogue's window embeddings.
 
+Longer than the project's ~400-line norm on purpose: opening (lock, schema
+checks, migration), the two-phase commit with its recovery, and the checks on
+what a store may hold are one protocol, read best in one place; the index
+half lives in ``upkeep.py``, locking in ``locking.py``.
+
 The facade the client's writer stage talks to. It joins the catalog
-(``catalog.py``), the segments (``segments.py``) and the index build
-(``faiss_index.py``); each keeps its own job.
+(``catalog.py``: every SQL statement), the segments (``segments.py``), the
+ingest planning (``plan.py``) and the index build (``build.py``); each keeps
+its own job. What is left here is the two-phase commit and the checks on what
+a store may hold.
 
     index_dir/
       LOCK              flock()ed by the one process that may write
@@ -17,79 +24,80 @@ no catalog row counts; they are overwritten by the next commit and cut off
 when the store is next opened for writing. A rerun then finds the file not
 indexed and embeds it again: no half track, no duplicate, no gap.
 
+A failure of the catalog transaction itself (disk full, or an exception such
+as KeyboardInterrupt that Python raises after SQLite's COMMIT returned) is
+judged by the catalog, never by the exception: the segments are cut back only
+to what the catalog counts once the exception arrived, so a committed commit
+is never undone, and an uncommitted one leaves only unrecorded bytes.
+
+A copy of a file that this run embeds (same content, another path) is recorded
+as its duplicate in the transaction that commits the original, never before:
+a duplicate always points at committed content.
+
 Not thread-safe: one thread adds and commits (the client's writer stage). One
 process at a time may hold a store open for writing (``LOCK``); readers
 (``identity=None``, :class:`mert_indexer.indexer.search.Searcher`) need no lock.
+The lock is an ``flock`` plus an owner record in ``LOCK``: opening refuses a
+filesystem whose ``flock`` does not exclude a second descriptor, and every
+commit checks that the record still names this process, so a second writer
+let in by a network filesystem whose locks do not reach across machines stops
+the first one at its next commit instead of interleaving rows (best effort:
+supported are local filesystems, and on network volumes one writer per store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from mert_indexer.errors import ModelMismatchError, StoreError
-from mert_indexer.indexer import faiss_index
-from mert_indexer.indexer.catalog import SCHEMA_VERSION, Catalog, TrackRow
-from mert_indexer.indexer.hashing import HASH_ALGORITHM, content_hash
+from mert_indexer.indexer import faults
+from mert_indexer.indexer.catalog import (
+    READABLE_SCHEMAS,
+    SCHEMA_VERSION,
+    Catalog,
+    TrackRow,
+)
+from mert_indexer.indexer.generation import INDEX_DIR, current_info
+from mert_indexer.indexer.hashing import HASH_ALGORITHM
+from mert_indexer.indexer.locking import LOCK_FILE, read_owner, take_lock
+from mert_indexer.indexer.migrate import migrate_paths
+from mert_indexer.indexer.plan import IngestPlan, PendingFile, plan_ingest
 from mert_indexer.indexer.segments import (
     DEFAULT_SEGMENT_BYTES,
+    SEGMENTS_DIR,
     START_DTYPE,
     VECTOR_DTYPE,
     SegmentReader,
     SegmentWriter,
 )
+from mert_indexer.indexer.upkeep import IndexUpkeep
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite"
-SEGMENTS_DIR = "segments"
-LOCK_FILE = "LOCK"
 REQUIRED_IDENTITY = ("embedding_dim", "window_samples", "sample_rate")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True)
-class PendingFile:
-    """A file to embed, as :meth:`IndexStore.plan` saw it."""
+class StoreSnapshot:
+    """One consistent committed state of a store (:meth:`IndexStore.snapshot`)."""
 
-    path: str
-    content_hash: str
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class IngestPlan:
-    """What a run has to do with each of its files; :meth:`IndexStore.plan` makes it.
-
-    ``refreshed``: same path, same content, new size/mtime record (touched);
-    ``renamed``: (old path, the file now holding that content);
-    ``duplicates``: (file, path that already holds the same content);
-    ``unreadable``: (path, reason) for files that could not be stat'ed or read.
-    """
-
-    todo: tuple[PendingFile, ...] = ()
-    unchanged: tuple[str, ...] = ()
-    refreshed: tuple[PendingFile, ...] = ()
-    renamed: tuple[tuple[str, PendingFile], ...] = ()
-    duplicates: tuple[tuple[PendingFile, str], ...] = ()
-    gone: tuple[str, ...] = ()
-    unreadable: tuple[tuple[str, str], ...] = ()
-
-    def summary(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in self.__dataclass_fields__}
+    tracks: list[TrackRow]
+    duplicates: dict[str, tuple[str, int, int]]
+    failures: dict[str, str]
+    reader: SegmentReader
 
 
 @dataclass
@@ -118,7 +126,7 @@ def identity_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[
     ]
 
 
-class IndexStore:
+class IndexStore(IndexUpkeep):
     """Catalog + segments of one index directory. Open with :meth:`open`."""
 
     def __init__(
@@ -130,18 +138,22 @@ class IndexStore:
         read_only: bool,
         lock_fd: int | None,
         segment_bytes: int,
+        owner: str | None = None,
     ) -> None:
         self.root = root
         self.identity = identity
         self.read_only = read_only
         self._catalog = catalog
         self._lock_fd = lock_fd
+        self._owner = owner  # this writer's token in LOCK
         self.dim = int(identity["embedding_dim"])
         self._window_seconds = int(identity["window_samples"]) / int(identity["sample_rate"])
         self._rows_per_segment = max(1, segment_bytes // (self.dim * VECTOR_DTYPE.itemsize))
         self._writer = None if read_only else SegmentWriter(root / SEGMENTS_DIR, self.dim)
         self._tracks: dict[str, _Buffered] = {}
-        self._failures: dict[str, str] = {}
+        self._failures: dict[str, tuple[str, bool]] = {}  # path -> (reason, transient)
+        # original path -> copies of it (apply()) recorded when the original commits
+        self._waiting: dict[str, list[PendingFile]] = {}
 
     # -- opening -------------------------------------------------------------
 
@@ -154,13 +166,16 @@ class IndexStore:
         create: bool,
         read_only: bool | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        path_base: str | Path | None = None,
     ) -> IndexStore:
         """Open (or with ``create`` make) the store in ``index_dir``.
 
         ``identity`` is the model's (``ModelContract.identity() | {"hop_samples": ...}``);
         an existing store built by another model raises :class:`ModelMismatchError`
         naming the fields. ``identity=None`` accepts whatever model built the store
-        and opens read-only unless ``read_only=False``.
+        and opens read-only unless ``read_only=False``. Opening a schema-1 store
+        for writing migrates its relative paths against ``path_base`` (default:
+        the current directory), see :func:`migrate_paths`.
         """
         root = Path(index_dir)
         catalog_path = root / CATALOG_FILE
@@ -182,11 +197,13 @@ class IndexStore:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"{root}: cannot create the store: {exc.strerror}") from exc
-        lock_fd = None if read_only else _lock(root)
+        lock_fd, owner = (None, None) if read_only else take_lock(root)
         try:
             catalog = Catalog(catalog_path, read_only=read_only)
             try:
                 stored = cls._check_meta(root, catalog, identity, read_only)
+                if not read_only and catalog.get_meta("schema_version") != SCHEMA_VERSION:
+                    migrate_paths(catalog, Path.cwd() if path_base is None else Path(path_base))
                 store = cls(
                     root,
                     catalog,
@@ -194,6 +211,7 @@ class IndexStore:
                     read_only=read_only,
                     lock_fd=lock_fd,
                     segment_bytes=segment_bytes,
+                    owner=owner,
                 )
                 if store._writer is not None:
                     store._writer.recover(catalog.segment_rows())
@@ -214,16 +232,17 @@ class IndexStore:
         if stored is None:
             if identity is None or read_only:
                 raise StoreError(f"{catalog.path}: the catalog records no model identity")
-            with catalog.transaction() as db:
-                Catalog.set_meta(db, "identity", identity)
-                Catalog.set_meta(db, "schema_version", SCHEMA_VERSION)
-                Catalog.set_meta(db, "hash_algorithm", HASH_ALGORITHM)
-                Catalog.set_meta(db, "created_at", time.time())
+            with catalog.transaction() as tx:
+                tx.set_meta("identity", identity)
+                tx.set_meta("schema_version", SCHEMA_VERSION)
+                tx.set_meta("hash_algorithm", HASH_ALGORITHM)
+                tx.set_meta("created_at", time.time())
             return identity
         version = catalog.get_meta("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise StoreError(
-                f"{catalog.path}: catalog schema {version}, this program reads {SCHEMA_VERSION}"
+                f"{catalog.path}: catalog schema {version}, this program reads "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}"
             )
         algorithm = catalog.get_meta("hash_algorithm")
         if algorithm != HASH_ALGORITHM:
@@ -242,158 +261,48 @@ class IndexStore:
 
     # -- planning ------------------------------------------------------------
 
-    def plan(self, paths: Sequence[str | os.PathLike[str]]) -> IngestPlan:
-        """Decide, per file, what a run has to do; changes nothing.
+    def plan(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        roots: Sequence[str | os.PathLike[str]] | None = None,
+    ) -> IngestPlan:
+        """Decide, per file, what a run has to do (:func:`plan_ingest`); changes nothing.
 
-        A file whose path, size and mtime match the catalog is not read at all;
-        any other is hashed (streamed) and matched by content.
+        ``roots``: the run's inputs; only catalogued paths under them can be ``gone``.
+        The plan names files in their stored form (absolute, ``canonical_path``); the
+        other methods take paths as a plan (or the catalog) gives them.
         """
-        order = list(dict.fromkeys(os.fspath(p) for p in paths))
-        dups = self._catalog.duplicates()
-        unchanged: list[str] = []
-        refreshed: list[PendingFile] = []
-        unreadable: list[tuple[str, str]] = []
-        changed: list[PendingFile] = []
-        content_left: set[str] = set()  # catalogued paths whose content changed
-        for path in order:
-            try:
-                st = os.stat(path)
-                if not stat.S_ISREG(st.st_mode):
-                    unreadable.append((path, "not a regular file"))
-                    continue
-                track = self._catalog.track_by_path(path)
-                known = (
-                    (track.content_hash, track.size, track.mtime_ns) if track else dups.get(path)
-                )
-                if known is not None and known[1:] == (st.st_size, st.st_mtime_ns):
-                    unchanged.append(path)
-                    continue
-                pending = PendingFile(path, content_hash(path), st.st_size, st.st_mtime_ns)
-            except OSError as exc:
-                unreadable.append((path, exc.strerror or str(exc)))
-                continue
-            if known is not None and known[0] == pending.content_hash:
-                refreshed.append(pending)
-                continue
-            if track is not None:
-                content_left.add(path)
-            changed.append(pending)
-
-        todo: list[PendingFile] = []
-        renamed: list[tuple[str, PendingFile]] = []
-        duplicates: list[tuple[PendingFile, str]] = []
-        holder: dict[str, str] = {}  # content hash -> path that holds it after this plan
-        moved_away: set[str] = set()
-        for pending in changed:
-            h = pending.content_hash
-            if h in holder:
-                duplicates.append((pending, holder[h]))
-                continue
-            others = [
-                t.path
-                for t in self._catalog.tracks_by_hash(h)
-                if t.path != pending.path and t.path not in moved_away
-            ]
-            still_there = [p for p in others if p not in content_left and os.path.exists(p)]
-            if still_there:
-                duplicates.append((pending, still_there[0]))
-                holder[h] = still_there[0]
-            elif others:
-                renamed.append((others[0], pending))
-                moved_away.add(others[0])
-                holder[h] = pending.path
-            else:
-                todo.append(pending)
-                holder[h] = pending.path
-
-        listed = set(order)
-        gone = [
-            p
-            for p in self._catalog.all_paths()
-            if p not in listed and p not in moved_away and not os.path.exists(p)
-        ]
-        return IngestPlan(
-            todo=tuple(todo),
-            unchanged=tuple(unchanged),
-            refreshed=tuple(refreshed),
-            renamed=tuple(renamed),
-            duplicates=tuple(duplicates),
-            gone=tuple(gone),
-            unreadable=tuple(unreadable),
-        )
+        return plan_ingest(self._catalog, paths, roots)
 
     def apply(self, plan: IngestPlan) -> None:
         """Record the plan's renames, duplicates and refreshed stats, in one transaction.
 
         Call before adding the plan's ``todo`` files: a todo file's commit
-        replaces whatever the catalog holds at its path.
+        replaces whatever the catalog holds at its path. A duplicate of content
+        that no committed track holds yet (a copy of a ``todo`` file) is kept
+        back and recorded by the commit that records its original; if that
+        never happens, the copy is not recorded and the next run plans it again.
         """
         self._writable()
         if not (plan.renamed or plan.duplicates or plan.refreshed):
             return
-        with self._catalog.transaction() as db:
-            moving: list[tuple[int, PendingFile]] = []
-            for old, pending in plan.renamed:  # first park every moving track: renames may chain
-                row = db.execute(
-                    "SELECT id FROM tracks WHERE path = ? AND content_hash = ?",
-                    (old, pending.content_hash),
-                ).fetchone()
-                if row is None:
-                    raise StoreError(f"{old}: stale plan: no longer catalogued with that content")
-                db.execute(
-                    "UPDATE tracks SET path = ? WHERE id = ?", (f"\0moving:{row[0]}", row[0])
-                )
-                moving.append((row[0], pending))
-            for track_id, p in moving:
-                self._clear_path(db, p.path)
-                db.execute(
-                    "UPDATE tracks SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
-                    (p.path, p.size, p.mtime_ns, track_id),
-                )
-            for p, _original in plan.duplicates:
-                self._clear_path(db, p.path)
-                db.execute(
-                    "INSERT INTO duplicates(path, content_hash, size, mtime_ns) "
-                    "VALUES (?, ?, ?, ?)",
-                    (p.path, p.content_hash, p.size, p.mtime_ns),
-                )
+        deferred: list[tuple[str, PendingFile]] = []
+        with self._catalog.transaction() as tx:
+            faults.point("store.apply")
+            tx.move_tracks(
+                ((old, p.content_hash, p.path, p.size, p.mtime_ns) for old, p in plan.renamed),
+                os.path.exists,
+            )
+            for p, original in plan.duplicates:
+                tx.clear_path(p.path, os.path.exists)
+                if self._catalog.tracks_by_hash(p.content_hash):  # this transaction's view
+                    tx.add_duplicate(p.path, p.content_hash, p.size, p.mtime_ns)
+                else:
+                    deferred.append((original, p))
             for p in plan.refreshed:
-                for table in ("tracks", "duplicates"):
-                    db.execute(
-                        f"UPDATE {table} SET size = ?, mtime_ns = ? "
-                        "WHERE path = ? AND content_hash = ?",
-                        (p.size, p.mtime_ns, p.path, p.content_hash),
-                    )
-
-    @staticmethod
-    def _clear_path(db: Any, path: str, doomed: frozenset[str] = frozenset()) -> int:
-        """Forget what the catalog holds at ``path``: its content is replaced or gone.
-
-        A track whose content survives as a recorded duplicate still on disk
-        (and not in ``doomed``) is handed over to it instead of being dropped,
-        so that content stays searchable. Returns the entries removed.
-        """
-        removed = 0
-        row = db.execute("SELECT id, content_hash FROM tracks WHERE path = ?", (path,)).fetchone()
-        if row is not None:
-            heirs = db.execute(
-                "SELECT path, size, mtime_ns FROM duplicates WHERE content_hash = ? AND path != ? "
-                "ORDER BY path",
-                (row[1], path),
-            ).fetchall()
-            heir = next((h for h in heirs if h[0] not in doomed and os.path.exists(h[0])), None)
-            if heir is None:
-                db.execute("DELETE FROM tracks WHERE id = ?", (row[0],))
-            else:
-                db.execute("DELETE FROM duplicates WHERE path = ?", (heir[0],))
-                db.execute(
-                    "UPDATE tracks SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
-                    (*heir, row[0]),
-                )
-            removed += 1
-        for table in ("duplicates", "failures"):
-            removed += db.execute(f"DELETE FROM {table} WHERE path = ?", (path,)).rowcount
-        return removed
+                tx.refresh_stat(p.path, p.content_hash, p.size, p.mtime_ns)
+        for original, p in deferred:
+            self._waiting.setdefault(original, []).append(p)
 
     # -- adding --------------------------------------------------------------
 
@@ -451,15 +360,23 @@ class IndexStore:
             emb.astype(VECTOR_DTYPE),
         )
 
-    def record_failure(self, path: str, reason: str) -> None:
+    def record_failure(self, path: str, reason: str, *, transient: bool = False) -> None:
         """Note that ``path`` could not be embedded; recorded at :meth:`commit`, retried next run.
 
         The catalog then holds nothing else for ``path``: a file that fails
-        after a change no longer has its old embeddings searched.
+        after a change no longer has its old embeddings searched. ``transient``:
+        the file could not be read this time (unmounted, permissions, I/O error,
+        a broken link), which says nothing about its content: whatever the
+        catalog holds for ``path`` stays, and the failure is recorded only
+        where it holds nothing. Copies of ``path`` waiting for it (see
+        :meth:`apply`) are recorded as failed with it.
         """
         self._writable()
         self._tracks.pop(path, None)
-        self._failures[path] = reason
+        self._failures[path] = (reason, transient)
+        for copy in self._waiting.pop(path, []):
+            self._tracks.pop(copy.path, None)
+            self._failures[copy.path] = (f"same content as {path}, which failed: {reason}", False)
 
     @property
     def pending_windows(self) -> int:
@@ -471,11 +388,15 @@ class IndexStore:
 
         On failure (disk full, I/O error) raises :class:`StoreError`, records
         nothing and keeps the buffer: free space and commit again, or close.
+        Any exception that arrives once the catalog transaction committed
+        (KeyboardInterrupt raised after COMMIT returned) propagates with the
+        commit kept and the buffer emptied: what the catalog counts is never cut.
         """
         self._writable()
         if not self._tracks and not self._failures:
             return
         assert self._writer is not None
+        self._check_owner()
         committed = self._catalog.segment_rows()
         segment = max(committed, default=1)
         rows = committed.get(segment, 0)
@@ -487,6 +408,7 @@ class IndexStore:
             placed.append((buf, segment, rows))
             rows += n
         touched = sorted({seg for _, seg, _ in placed})
+        ends = {seg: first + len(buf.starts) for buf, seg, first in placed}
         try:
             for seg in touched:
                 group = [(b, first) for b, s, first in placed if s == seg]
@@ -497,24 +419,32 @@ class IndexStore:
                     np.concatenate([b.starts for b, _ in group]),
                 )
         except OSError as exc:
-            self._undo(touched, committed)
+            self._undo(touched)
             what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
             raise StoreError(
                 f"{exc.filename or self.root / SEGMENTS_DIR}: cannot write embeddings ({what}); "
                 f"nothing of this commit was recorded, {len(self._tracks)} tracks still buffered"
             ) from exc
+        except BaseException:
+            self._undo(touched)
+            raise
+        copies = {
+            buf.pending.path: [
+                c
+                for c in self._waiting.get(buf.pending.path, [])
+                if c.content_hash == buf.pending.content_hash
+            ]
+            for buf, _, _ in placed
+        }
         try:
-            with self._catalog.transaction() as db:
-                ends: dict[int, int] = {}
-                for buf, seg, first in placed:
-                    ends[seg] = first + len(buf.starts)
+            with self._catalog.transaction() as tx:
+                self._check_owner()  # under the catalog's write lock
                 for seg, end in ends.items():
-                    Catalog.set_segment_rows(db, seg, end)
+                    tx.set_segment_rows(seg, end)
                 for buf, seg, first in placed:
                     p = buf.pending
-                    self._clear_path(db, p.path)
-                    Catalog.insert_track(
-                        db,
+                    tx.clear_path(p.path, os.path.exists)
+                    tx.insert_track(
                         TrackRow(
                             0,
                             p.path,
@@ -528,40 +458,89 @@ class IndexStore:
                             first,
                         ),
                     )
-                for path, reason in self._failures.items():
-                    self._clear_path(db, path)
-                    Catalog.record_failure(db, path, reason)
+                    for c in copies[p.path]:
+                        tx.clear_path(c.path, os.path.exists)
+                        tx.add_duplicate(c.path, c.content_hash, c.size, c.mtime_ns)
+                for path, (reason, transient) in self._failures.items():
+                    if transient and self._catalog.status(path) is not None:
+                        continue  # not readable this time: what is indexed for it stays
+                    tx.clear_path(path, os.path.exists)
+                    tx.record_failure(path, reason)
         except BaseException:
-            self._undo(touched, committed)
+            if ends and self._counts(ends):
+                self._committed(copies)
+            else:
+                self._undo(touched)
             raise
+        self._committed(copies)
+
+    def _counts(self, ends: dict[int, int]) -> bool:
+        """Whether the committed catalog counts exactly these segment ends (one writer: ours)."""
+        try:
+            now = self._catalog.segment_rows()
+        except StoreError:
+            return False  # cannot tell: keep the buffer (a recommit replaces, never loses)
+        return all(now.get(seg) == end for seg, end in ends.items())
+
+    def _committed(self, copies: dict[str, list[PendingFile]]) -> None:
+        for original in copies:
+            self._waiting.pop(original, None)
         self._tracks.clear()
         self._failures.clear()
 
-    def _undo(self, touched: list[int], committed: dict[int, int]) -> None:
-        """Cut the segments back to their committed rows after a failed commit (best effort)."""
+    def _undo(self, touched: list[int]) -> None:
+        """Cut the touched segments back to what the catalog counts now (best effort).
+
+        Asked of the catalog after the failure, not remembered from before it:
+        a transaction that committed although an exception followed keeps its rows.
+        Whatever is left is cut when the store is next opened for writing.
+        """
         assert self._writer is not None
+        try:
+            committed = self._catalog.segment_rows()
+        except StoreError as exc:
+            log.warning("cannot read the catalog after a failed commit: %s", exc)
+            return
         for seg in touched:
             try:
                 self._writer.truncate(seg, committed.get(seg, 0))
             except OSError as exc:  # the next open for writing truncates again
                 log.warning("cannot cut back segment %s after a failed commit: %s", seg, exc)
 
+    def _check_owner(self) -> None:
+        """Stop if another writer has taken ``LOCK`` over (a filesystem whose locks leak)."""
+        if self._owner is None:
+            return
+        record = read_owner(self.root / LOCK_FILE)
+        if record.get("token") != self._owner:
+            raise StoreError(
+                f"{self.root}: another writer (host {record.get('host', '?')}, "
+                f"pid {record.get('pid', '?')}) opened this store while this process was "
+                "writing it: the filesystem's locks do not exclude writers (some NFS, SMB or "
+                "FUSE mounts). Nothing of this commit was recorded; run one writer per store"
+            )
+
     # -- removing ------------------------------------------------------------
 
-    def prune(self, paths: Iterable[str]) -> int:
+    def prune(self, paths: Iterable[str], *, hand_over: bool = True) -> int:
         """Forget ``paths`` (files gone from disk); returns how many catalog entries went.
 
         When a pruned track's content survives as a recorded duplicate that is
-        still on disk, the duplicate takes the track over instead of losing it.
-        Failures recorded for ``paths`` are forgotten too.
+        still on disk, the duplicate takes the track over instead of losing it
+        (``hand_over=False``: exactly these paths go, as a merge mirrors its
+        sources). Failures recorded for ``paths`` are forgotten too.
         Pruned windows stay in their segment as dead rows until a compaction
         (``merge_stores([this], new_dir)``).
         """
         self._writable()
         targets = list(dict.fromkeys(paths))
+        if not targets:
+            return 0
         doomed = frozenset(targets)
-        with self._catalog.transaction() as db:
-            return sum(self._clear_path(db, path, doomed) for path in targets)
+        on_disk = os.path.exists if hand_over else (lambda _path: False)
+        with self._catalog.transaction() as tx:
+            faults.point("store.prune")
+            return sum(tx.clear_path(path, on_disk, doomed) for path in targets)
 
     # -- reading -------------------------------------------------------------
 
@@ -583,6 +562,27 @@ class IndexStore:
         Committed state only.
         """
         return self._catalog.status(path)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[StoreSnapshot]:
+        """The committed state as of one read transaction, with a reader of exactly its rows.
+
+        What a merge copies from: tracks, duplicates, failures and the segment
+        row counts all come from the same transaction, however long the copy
+        runs and whatever a writer commits meanwhile.
+        """
+        with self._catalog.snapshot() as cat:
+            rows = cat.segment_rows()
+            snap = StoreSnapshot(
+                cat.tracks(),
+                cat.duplicates(),
+                cat.failures(),
+                SegmentReader(self.root / SEGMENTS_DIR, self.dim, rows),
+            )
+            try:
+                yield snap
+            finally:
+                snap.reader.close()
 
     def reader(self) -> SegmentReader:
         """A memory-mapped view of the committed segments."""
@@ -614,52 +614,8 @@ class IndexStore:
             "segment_bytes": seg_bytes,
             "pending_tracks": len(self._tracks),
             "identity": self.identity,
-            "index": faiss_index.current_info(self.root / faiss_index.INDEX_DIR),
+            "index": current_info(self.root / INDEX_DIR),
         }
-
-    # -- indexing ------------------------------------------------------------
-
-    def build_index(
-        self,
-        *,
-        kind: str = "auto",
-        progress: bool = False,
-        options: faiss_index.IndexOptions | None = None,
-    ) -> dict[str, Any]:
-        """(Re)build the FAISS index over every committed track; returns its info.
-
-        ``kind``: "auto" (exact up to ``IndexOptions.exact_max`` windows, else
-        IVF-PQ), "exact" or "ivfpq". The new index replaces the old atomically;
-        its kind and parameters are recorded in the catalog.
-        """
-        self._writable()
-        if self._tracks:
-            log.warning(
-                "%s: %d uncommitted tracks are left out of the index", self.root, len(self._tracks)
-            )
-        opts = options or faiss_index.IndexOptions()
-        if kind != opts.kind and kind != "auto":
-            opts = faiss_index.IndexOptions(**{**opts.__dict__, "kind": kind})
-        tracks = self.tracks()
-        runs = [
-            faiss_index.TrackRun(t.id, t.path, t.sample_rate, t.segment, t.first_row, t.n_windows)
-            for t in tracks
-        ]
-        reader = self.reader()
-        try:
-            info = faiss_index.build(
-                runs,
-                reader,
-                self.root / faiss_index.INDEX_DIR,
-                identity=self.identity,
-                options=opts,
-                progress=progress,
-            )
-        finally:
-            reader.close()
-        with self._catalog.transaction() as db:
-            Catalog.set_meta(db, "index", {k: v for k, v in info.items() if k != "identity"})
-        return info
 
     # -- closing -------------------------------------------------------------
 
@@ -681,27 +637,5 @@ class IndexStore:
     def __enter__(self) -> IndexStore:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _lock(root: Path) -> int:
-    """Hold ``root/LOCK`` for this process: one writer per store."""
-    path = root / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot open the store for writing: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise StoreError(
-            f"{root}: another process is writing this store ({path} is locked)"
-        ) from exc
-    return fd

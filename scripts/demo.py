@@ -1,21 +1,33 @@
-"""The demo: export MERT, serve it with the bundled Triton, index audio, query a clip.
+"""The demo: export a model, serve it with the bundled Triton, index audio, query a clip.
 
-Real weights when the model hub is reachable, otherwise the exact architecture
-with random weights (said loudly: its matches come from the signal, not from
-music understanding). Sample audio is generated when --input is not given.
+Default model: the trained stand-in (``export/standin/``: a small model of the
+MERT architecture trained for identification, NOT MERT), exported through the
+real-weights path. ``--model 95m``: MERT-v1-95M, real weights when the model
+hub is reachable, otherwise the exact architecture with random weights (said
+loudly: its matches come from the signal, not from music understanding).
+Without --input it indexes real music (Debian's freedroidrpg-data, fetched by
+scripts/get_music.sh), or generated sample audio where that cannot be had. The query clip is cut at
+a random offset off every grid (the index's 5 s windows, the 0.5 s query hop,
+the 320-sample frames); ``--seed`` replays one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+CLIP_SECONDS = 10.0
+FRAME_OFFSET = 137  # samples past a 320-sample frame boundary: the clip is on no grid
+OFFSET_TOLERANCE = 0.5  # seconds: what "the right place" means
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
@@ -37,34 +49,57 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, text=True)
 
 
-def export(repo: Path, size: str, force: bool) -> None:
-    onnx = repo / "mert" / "1" / "model.onnx"
+def export(repo: Path, model: str, force: bool) -> None:
+    from export.repo import MODEL_FILE, VERSION
+    from mert_indexer.contract import MODEL_NAME
+
+    onnx = repo / MODEL_NAME / VERSION / MODEL_FILE
     if onnx.exists() and not force:
         print(f"using the existing export in {repo} (--reexport to redo it)")
         return
     exporter = [sys.executable, "export/to_onnx.py", "--output", str(repo)]
-    if size == "95m" and run(exporter).returncode == 0:
+    if model == "standin":
+        from export.standin import COMMITTED
+
+        if run([*exporter, "--model", str(COMMITTED)]).returncode != 0:
+            sys.exit("demo: export failed")
         return
-    if size == "95m":
+    if model == "95m" and run(exporter).returncode == 0:
+        return
+    if model == "95m":
         print(
             "\n*** The MERT weights are not reachable from here: exporting the exact "
             "MERT-v1-95M architecture with RANDOM weights. Embeddings are meaningless as "
             "music features; the demo still shows the whole pipeline. ***\n",
             flush=True,
         )
-    if run([*exporter, "--random-init", "--size", size]).returncode != 0:
+    if run([*exporter, "--random-init", "--size", model]).returncode != 0:
         sys.exit("demo: export failed")
+
+
+def real_music() -> Path | None:
+    """Debian's freedroidrpg-data music (scripts/get_music.sh), or None where it cannot be had."""
+    folder = ROOT / "data" / "music"
+    step(f"fetching real music into {folder} (Debian's freedroidrpg-data)")
+    if run(["./scripts/get_music.sh", str(folder)]).returncode == 0:
+        return folder
+    print("no real music here: indexing generated sample audio instead")
+    return None
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
+        "--model",
         "--size",
-        choices=("95m", "tiny"),
-        default="95m",
-        help="95m: MERT-v1-95M (real weights if reachable); tiny: a small random "
-        "model for a quick look (default: %(default)s)",
+        dest="model",
+        choices=("standin", "95m", "tiny"),
+        default="standin",
+        help="standin: the trained stand-in of the MERT architecture (export/standin/, "
+        "not MERT); 95m: MERT-v1-95M (real weights if reachable, else random); tiny: a "
+        "small random model for a quick look (default: %(default)s)",
     )
+    p.add_argument("--seed", type=int, help="replay the clip of an earlier run")
     p.add_argument("--input", type=Path, help="audio folder to index (default: generated)")
     p.add_argument("--workdir", type=Path, default=ROOT / "data" / "demo")
     p.add_argument("--reexport", action="store_true")
@@ -75,22 +110,25 @@ def main() -> int:
     from mert_indexer.client.synth import write, write_catalogue
     from mert_indexer.server.launcher import LocalTriton, ServeOptions
 
-    repo = args.workdir / "model_repository"
+    # One export and one index per model: an index refuses another model's embeddings.
+    repo = args.workdir / args.model / "model_repository"
     step("export")
-    export(repo, args.size, args.reexport)
+    export(repo, args.model, args.reexport)
 
-    originals = args.input or args.workdir / "originals"
+    originals = args.input or real_music() or args.workdir / "originals"
     if args.input is None and not any(originals.glob("*")):
         step(f"generating sample audio in {originals}")
         write_catalogue(
             originals, 6, seconds=(25, 45), suffixes=(".mp3", ".flac", ".ogg", ".wav", ".m4a")
         )
-    index = args.workdir / "index"
+    index = args.workdir / args.model / "index"
 
-    from mert_indexer.contract import ModelContract, load_config
+    from export.repo import CONFIG_NAME
+    from mert_indexer.contract import MODEL_NAME, ModelContract, load_config
 
-    contract = ModelContract.from_config(load_config(repo / "mert" / "config.pbtxt"))
+    contract = ModelContract.from_config(load_config(repo / MODEL_NAME / CONFIG_NAME))
     # Random weights cannot support the no-match threshold: rank best guesses instead.
+    # The verdict always judges the best guess (the threshold's answer is shown first).
     rank = ["--min-score", "off"] if contract.model_id.startswith("random-init") else []
 
     step("starting the local Triton server")
@@ -120,15 +158,22 @@ def main() -> int:
             return proc.returncode
 
         tracks = sorted(p for p in originals.rglob("*") if p.is_file())
-        source, offset = tracks[len(tracks) // 2], 12.5
-        audio = decode(source, 24_000)
-        offset = min(offset, max(0.0, len(audio) / 24_000 - 8.0))
-        clip = write(
-            args.workdir / "clip.wav",
-            audio[int(offset * 24_000) : int((offset + 8.0) * 24_000)],
-            24_000,
+        seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 10**6)
+        rng = np.random.default_rng(seed)
+        source = tracks[int(rng.integers(len(tracks)))]
+        rate = contract.sample_rate
+        audio = decode(source, rate)
+        length = min(round(CLIP_SECONDS * rate), len(audio))
+        clip_seconds = length / rate
+        # An arbitrary sample, off the 320-sample frame grid (so off every coarser one).
+        start = int(rng.integers(0, max(1, len(audio) - length - FRAME_OFFSET)))
+        start = start // 320 * 320 + FRAME_OFFSET
+        offset = start / rate
+        clip = write(args.workdir / "clip.wav", audio[start : start + length], rate)
+        step(
+            f"querying a clip of {clip_seconds:.1f} s cut from {source} at {offset:.3f} s "
+            f"(--seed {seed})"
         )
-        step(f"querying an 8 s clip cut from {source} at {offset:.2f} s")
         run(
             [
                 str(BIN / "indexer-query"),
@@ -148,22 +193,37 @@ def main() -> int:
                 "--index",
                 str(index),
                 "--json",
-                *rank,
+                "--min-score",
+                "off",
                 str(clip),
             ],
             capture_output=True,
             text=True,
         )
     best = (json.loads(out.stdout)[0] or [None])[0] if out.returncode == 0 else None
-    # Offsets are resolved to within one index hop (5 s) at worst; real weights do far better.
-    ok = bool(best) and best["track"] == str(source) and abs(best["offset_seconds"] - offset) <= 5.0
-    step("result")
-    print(
-        f"{'correct' if ok else 'WRONG'}: expected {source} at {offset:.2f} s, got "
-        f"{best['track'] + ' at ' + format(best['offset_seconds'], '.2f') + ' s' if best else 'no match'}"
-        f"  (demo took {time.monotonic() - t0:.0f} s)"
-    )
-    return 0 if ok else 1
+    step("result (the best guess, without the no-match threshold)")
+    took = f"(demo took {time.monotonic() - t0:.0f} s)"
+    if not best:
+        print(f"NOTHING FOUND: expected {source} at {offset:.2f} s {took}")
+        return 1
+    track_ok = os.path.abspath(best["track"]) == os.path.abspath(source)
+    error = best["offset_seconds"] - offset
+    got = f"{best['track']} at {best['offset_seconds']:.2f} s (score {best['score']:.3f})"
+    if track_ok and abs(error) <= OFFSET_TOLERANCE:
+        verdict = "correct"
+    elif track_ok:
+        verdict = f"right track, offset off by {error:+.2f} s"
+    else:
+        verdict = "WRONG track"
+    print(f"{verdict}: expected {source} at {offset:.2f} s, got {got} {took}")
+    if contract.model_id.startswith("random-init"):
+        print("(random weights: only the track ranking means anything; offsets are noise)")
+    elif contract.model_id.startswith("standin/"):
+        print(
+            "(the stand-in ranks tracks well but tells places within a track apart poorly: "
+            "see export/standin/README.md and benchmarks/results/retrieval_standin_*.md)"
+        )
+    return 0 if track_ok else 1
 
 
 if __name__ == "__main__":

@@ -13,4 +13,4 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build of torch, pinned, before anything that could pull a CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[cpu,export,server,dev]" --config-settings editable_mode=strict
+python -m pip install -q -e ".[cpu,export,server,service,parquet,dev]" --config-settings editable_mode=strict

@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from mert_indexer.defaults import add_defaulted, default_of
 from mert_indexer.errors import IndexerError
 from mert_indexer.server.launcher import LocalTriton, ServeOptions, describe_exit
 
@@ -31,32 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve model_repository/ with the bundled Triton server (Python backend + "
         "ONNX Runtime), with the same batcher and instance settings as the GPU config.",
     )
-    p.add_argument(
-        "--model-repository",
-        type=Path,
-        default=Path("model_repository"),
-        help="model repository root (default: %(default)s)",
+    add_defaulted(
+        p, "--model-repository", ServeOptions, "model_repository", "model repository root"
     )
     p.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=default_of(ServeOptions, "host"),
         help="address to bind (default: loopback only; 0.0.0.0 to expose)",
     )
-    p.add_argument("--grpc-port", type=_port, default=8001)
-    p.add_argument("--http-port", type=_port, default=8000)
-    p.add_argument("--metrics-port", type=_port, default=8002)
+    for name in ("grpc_port", "http_port", "metrics_port"):
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=_port, default=default_of(ServeOptions, name))
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
-        default="auto",
+        default=default_of(ServeOptions, "device"),
         help="ONNX Runtime device (default: cuda when available)",
     )
-    p.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=180.0,
-        help="seconds to wait for the models to load and warm up (default: %(default)s)",
-    )
+    add_defaulted(
+        p, "--ready-timeout", ServeOptions, "ready_timeout",
+        "seconds to wait for the models to load and warm up",
+    )  # fmt: skip
     p.add_argument(
         "--log-file",
         type=Path,

@@ -1,5 +1,8 @@
 """Start, watch and stop the bundled Triton server.
 
+Over the ~400-line norm: each of Triton's failure modes (hang, missing stub,
+port taken, stale regions) needs its detection next to the start sequence.
+
 Triton's own failure modes are turned into a :class:`ServerStartError` that
 names the cause, never a hang: a model that fails to load (Triton exits 1), a
 missing stub (a log line), a wrong stub or a missing shared library (Triton
@@ -24,9 +27,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mert_indexer.defaults import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_MODEL_REPOSITORY,
+)
 from mert_indexer.errors import ServerStartError
 from mert_indexer.server import local_repo, preflight
 from mert_indexer.server.bundle import check_stub_loads, find_bundle, library_path, prepare_backends
@@ -76,13 +86,13 @@ FATAL_EXIT_GRACE = 10.0  # seconds Triton may take to exit after a fatal log lin
 class ServeOptions:
     """How to serve: which repository, where to listen, which device, how long to wait."""
 
-    model_repository: Path
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    host: str = "127.0.0.1"  # loopback only: exposing the server is an explicit choice
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
     device: str = "auto"  # auto | cpu | cuda
-    ready_timeout: float = 120.0
+    ready_timeout: float = 180.0
     log_file: Path | None = None
     log_verbose: int = 0
     ssl_cert: Path | None = None
@@ -121,10 +131,12 @@ def describe_exit(code: int) -> str:
 
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the launching thread dies: a killed launcher leaves no server."""
-    with contextlib.suppress(Exception):
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        with contextlib.suppress(Exception):
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_PRCTL: Callable[..., int] | None
 try:  # resolved here, not in the forked child, where loading a library may deadlock
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 except (OSError, AttributeError):
@@ -241,6 +253,7 @@ class LocalTriton:
         self._workdir: Path | None = None
         self._log_path: Path | None = None
         self._keep_log = False
+        self._lease: preflight.ShmLease | None = None  # marks our regions live (preflight)
 
     @property
     def grpc_url(self) -> str:
@@ -285,6 +298,7 @@ class LocalTriton:
             repo = self._workdir / "repository"
             self.models = local_repo.derive(opts.model_repository, repo, provider=provider)
             preflight.remove_stale_shm()
+            self._lease = preflight.ShmLease.acquire()
             self._log_path = opts.log_file or self._temp_log()
             cmd = [
                 str(bundle.binary),
@@ -301,6 +315,7 @@ class LocalTriton:
                 "--allow-gpu-metrics=false",
                 f"--log-verbose={opts.log_verbose}",
                 "--exit-timeout-secs=10",
+                f"--backend-config=python,shm-region-prefix-name={self._lease.prefix}",
             ]
             if opts.ssl_cert and opts.ssl_key:
                 cmd += [
@@ -324,6 +339,7 @@ class LocalTriton:
                     start_new_session=True,  # its own group: Ctrl-C reaches us, we stop it in order
                     # The death signal follows the forking thread: only tie it to the main one.
                     preexec_fn=_die_with_parent if (_PRCTL and in_main) else None,
+                    pass_fds=(self._lease.fd,) if self._lease.fd is not None else (),
                 )
             self._wait_ready()
         except BaseException as exc:
@@ -435,6 +451,9 @@ class LocalTriton:
             for name in regions:
                 with contextlib.suppress(OSError):
                     (preflight.SHM_DIR / name).unlink()
+        if self._lease is not None:  # after the server and its regions are gone
+            self._lease.release()
+            self._lease = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

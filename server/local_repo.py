@@ -6,6 +6,11 @@ the Python backend, so each model is re-described for it here: same inputs,
 outputs, batcher, instance count and warm-up, with ``backend: "python"`` and
 ``server/backend/model.py`` running the same ``model.onnx`` with ONNX Runtime.
 One hand-kept config, never two.
+
+The INT8 recipe the export recorded in the model file (``export.int8_method``)
+travels as a parameter too: a model made for TensorRT is served on CPU with
+ONNX Runtime's QDQ fusion off (exact simulated quantisation, see
+``export/quantize.py``), not with ORT's fused int8 kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from mert_indexer.atomic import atomic_write_text
 from mert_indexer.contract import ModelContract, dump_config, load_config
@@ -26,6 +32,8 @@ ONNX_FILE = "model.onnx"
 P_ONNX_PATH = "local.onnx_path"
 P_INTRA_OP_THREADS = "local.intra_op_threads"
 P_PROVIDER = "local.provider"
+P_INT8_METHOD = "local.int8_method"
+M_INT8_METHOD = "export.int8_method"  # the ONNX metadata key export/runner.py writes
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,77 @@ def derive(
         config.parameters[P_ONNX_PATH].string_value = str(onnx_path)
         config.parameters[P_INTRA_OP_THREADS].string_value = str(threads)
         config.parameters[P_PROVIDER].string_value = provider
+        int8_method = onnx_metadata(onnx_path).get(M_INT8_METHOD)
+        if int8_method:
+            config.parameters[P_INT8_METHOD].string_value = int8_method
         out = dest / config.name
         (out / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(BACKEND_MODEL, out / "1" / "model.py")
         atomic_write_text(out / "config.pbtxt", dump_config(config))
         models.append(LocalModel(config.name, onnx_path, contract, instances))
     return models
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read without loading the graph or its weights.
+
+    Walks the top-level protobuf fields of ``ModelProto`` and seeks past the
+    rest, so a 400 MB model costs a few reads (and no ``onnx`` dependency).
+    A file that is not a model gives ``{}``.
+    """
+    metadata: dict[str, str] = {}
+    try:
+        with path.open("rb") as fh:
+            size = path.stat().st_size
+            while fh.tell() < size:
+                field, wire = divmod(_varint(fh), 8)
+                if wire == 0:
+                    _varint(fh)
+                elif wire == 1:
+                    fh.seek(8, os.SEEK_CUR)
+                elif wire == 5:
+                    fh.seek(4, os.SEEK_CUR)
+                elif wire == 2:
+                    length = _varint(fh)
+                    if field == _METADATA_PROPS:
+                        key, value = _string_pair(fh.read(length))
+                        metadata[key] = value
+                    else:
+                        fh.seek(length, os.SEEK_CUR)
+                else:
+                    return {}
+            if fh.tell() != size:
+                return {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return metadata
+
+
+# ModelProto.metadata_props: repeated StringStringEntryProto {1: key, 2: value}
+_METADATA_PROPS = 14
+
+
+def _varint(fh: BinaryIO) -> int:
+    shift = result = 0
+    while True:
+        byte = fh.read(1)
+        if not byte or shift > 63:
+            raise ValueError("truncated varint")
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+
+
+def _string_pair(data: bytes) -> tuple[str, str]:
+    import io
+
+    fields = {1: "", 2: ""}
+    buf = io.BytesIO(data)
+    while buf.tell() < len(data):
+        field, wire = divmod(_varint(buf), 8)
+        if wire != 2:
+            raise ValueError("unexpected field in a metadata entry")
+        length = _varint(buf)
+        fields[field] = buf.read(length).decode("utf-8")
+    return fields[1], fields[2]

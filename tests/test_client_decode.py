@@ -26,7 +26,7 @@ def pool():
 
 
 def test_pool_decodes_exactly_what_pyav_decodes_in_process(pool, m4a):
-    here = np.concatenate(list(dec._pyav_blocks(m4a, SR)))
+    here = np.concatenate(list(dec.pyav_blocks(m4a, SR)))
     there = np.concatenate(list(dec.decode_blocks(m4a, SR, fallback=pool.blocks)))
     np.testing.assert_array_equal(here, there)
     assert abs(len(there) / SR - 20.0) < 0.1

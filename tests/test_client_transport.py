@@ -92,17 +92,19 @@ def test_shared_memory_is_released_after_an_error(pool):
 
 
 def test_regions_of_dead_clients_are_removed(tmp_path):
+    # Liveness is the owner's lock on the file (tests/test_client_faults.py tries reused
+    # and foreign PIDs): a file nobody holds is stale, a live region is held.
     dead = 2**22 + 12345  # above the default pid_max: no such process
     stale = shm.SHM_DIR / f"{shm.PREFIX}{dead}-deadbeef-0"
-    mine = shm.SHM_DIR / f"{shm.PREFIX}{os.getpid()}-cafecafe-0"
     stale.write_bytes(b"x")
-    mine.write_bytes(b"x")
+    mine = shm.ShmRegion(f"{shm.PREFIX}{os.getpid()}-cafecafe-0", (4,), "int16")
     try:
         removed = shm.remove_stale()
-        assert stale.name in removed and not stale.exists() and mine.exists()
+        assert stale.name in removed and not stale.exists()
+        assert (shm.SHM_DIR / mine.name).exists()
     finally:
-        for p in (stale, mine):
-            p.unlink(missing_ok=True)
+        stale.unlink(missing_ok=True)
+        mine.close()
 
 
 def test_invalid_request_fails_at_once(pool):

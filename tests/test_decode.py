@@ -41,8 +41,8 @@ def test_formats_decode_to_24k_mono(tmp_path, reference, suffix, tol):
 @pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg", ".mp3"])
 def test_soundfile_and_pyav_agree(tmp_path, reference, suffix):
     path = write(tmp_path / f"x{suffix}", reference, 44_100)
-    a = np.concatenate(list(dec._soundfile_blocks(path, SR)))
-    b = np.concatenate(list(dec._pyav_blocks(path, SR)))
+    a = np.concatenate(list(dec.soundfile_blocks(path, SR)))
+    b = np.concatenate(list(dec.pyav_blocks(path, SR)))
     assert abs(len(a) - len(b)) <= 0.5 * SR  # decoders disagree on length by up to ~0.4 s
     best = max(_corr(a[lag:], b) for lag in range(0, 2000, 1))
     best = max(best, max(_corr(b[lag:], a) for lag in range(0, 2000, 1)))

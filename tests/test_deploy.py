@@ -74,6 +74,47 @@ def test_compose_file_has_what_it_needs():
     assert (ROOT / "deploy" / client["build"]["dockerfile"].split("/")[-1]).exists()
 
 
+def test_search_deployment_reads_the_index_read_only_and_probes_readiness():
+    dep = _k8s("Deployment", "mert-search")
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert c["args"][0] == "indexer-search-serve"
+    assert "--server=triton:8001" in c["args"] and "--index=/work/index" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = c["ports"][0]["containerPort"]
+    assert f"--listen=0.0.0.0:{port}" in c["args"]
+    notes = pod["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == str(port)
+    assert notes["prometheus.io/path"] == "/metrics"
+    (mount,) = c["volumeMounts"]
+    assert mount["readOnly"] is True and mount["mountPath"] == "/work"
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": "mert-work", "readOnly": True}
+    merge = _k8s("Job", "mert-merge")["spec"]["template"]["spec"]["containers"][0]
+    assert "indexer-merge /work/index" in " ".join(merge["args"])  # what the search reads
+    (token,) = [e for e in c["env"] if e["name"] == "MERT_SEARCH_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["optional"] is True
+    svc = _k8s("Service", "mert-search")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
+    assert (ROOT / "deploy" / "Dockerfile.search").exists()
+
+
+def test_compose_search_service_reads_the_index_and_waits_for_triton():
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    search, indexer = compose["services"]["search"], compose["services"]["indexer"]
+    assert search["command"][0] == "indexer-search-serve"
+    assert "--server=triton:8001" in search["command"]
+    index = next(a for a in indexer["command"] if a.startswith("--index="))
+    assert index in search["command"]  # the index the indexer writes
+    assert "../data:/data:ro" in search["volumes"]
+    assert search["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert search["ports"] == ["127.0.0.1:8080:8080"]  # published on loopback only
+    assert "/readyz" in " ".join(search["healthcheck"]["test"])
+    assert (ROOT / "deploy" / search["build"]["dockerfile"].split("/")[-1]).exists()
+
+
 def _names(n: int) -> list[str]:
     return [f"artist_{i % 17}/album_{i % 5}/track_{i:05d}.mp3" for i in range(n)]
 

@@ -157,7 +157,10 @@ def test_pooling_matches_transformers_post_ln() -> None:
 
 
 def test_pooling_matches_reference_mert_for_pre_ln_last_layer() -> None:
-    """Pre-LN (330M-like): the last hidden state carries the encoder's final LayerNorm, as in MERT's code."""
+    """Pre-LN (330M-like): the last hidden state carries the encoder's final LayerNorm.
+
+    As in MERT's code.
+    """
     loaded = tiny_preln()
     audio = audio_windows(3)
     module = PooledMert(loaded.model, (0, 1, 2), "int16").eval()
@@ -243,6 +246,9 @@ def test_int8_export_with_calibration_folder_passes_the_gates(tmp_path: Path) ->
     config = load_config(tmp_path / "repo" / "mert" / "config.pbtxt")
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert result.int8_method == "static_qdq_tensorrt"  # no CPU-only fallback for the GPU target
+    # Gated as TensorRT computes it (exact simulated quantisation), not with ORT's fused CPU
+    # kernels, whose u8 x s8 arithmetic saturates on CPUs without VNNI.
+    assert result.report.simulated_qdq and "QDQ simulated" in result.report.summary()
     assert (
         accelerators[0].name == "tensorrt"
         and accelerators[0].parameters["precision_mode"] == "INT8"
@@ -268,6 +274,50 @@ def test_int8_default_export_passes_the_gates(tmp_path: Path) -> None:
     )  # not a TensorRT model
     metadata = {p.key: p.value for p in onnx.load(str(result.model_path)).metadata_props}
     assert metadata["export.int8_method"] == result.int8_method
+    assert not result.report.simulated_qdq  # CPU recipes: gated on the kernels that serve them
+    assert_7_bit_weights(onnx.load(str(result.model_path)))
+
+
+def assert_7_bit_weights(model) -> None:
+    """The CPU recipes' int8 weights stay in [-64, 64]: no int16 saturation without VNNI."""
+    from onnx import numpy_helper
+
+    weights = [
+        numpy_helper.to_array(init)
+        for init in model.graph.initializer
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2
+    ]
+    assert weights
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)
+
+
+def test_cpu_class_is_named_in_reports_and_failures() -> None:
+    flags = validate.cpu_flags()
+    assert set(flags) <= set(validate.CPU_FLAGS)
+    name = validate.cpu_class()
+    print(f"\nINT8 gates run on: {name}")
+    assert all(flag in name for flag in flags)
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((64, 32)).astype(np.float32)
+    with pytest.raises(ValidationError, match=r"\(CPU .*\)"):
+        validate.gate("int8", reference + rng.standard_normal(reference.shape), reference)
+    assert f"CPU {name}" in validate.gate("int8", reference, reference).summary()
+
+
+def test_backend_simulates_the_recipes_the_export_simulates() -> None:
+    """server/backend/model.py cannot import export/: its list must match the recipes."""
+    import ast
+
+    from export.quantize import RECIPES
+
+    tree = ast.parse((ROOT / "server" / "backend" / "model.py").read_text())
+    listed = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(getattr(t, "id", "") == "SIMULATE_ON_CPU" for t in node.targets)
+    )
+    assert set(listed) == {m for m, r in RECIPES.items() if r.simulate_on_cpu}
 
 
 # --- gates fail when they should -----------------------------------------------------------
@@ -336,7 +386,10 @@ def test_cosine_gate_fails_on_a_perturbed_model() -> None:
 
 
 def test_retrieval_gate_catches_what_cosine_misses() -> None:
-    """Clips that all sit at cosine ~0.995 to each other: tiny errors keep cosine >= 0.99, lose neighbours."""
+    """Clips that all sit at cosine ~0.995 to each other.
+
+    Tiny errors keep cosine >= 0.99 but lose neighbours.
+    """
     rng = np.random.default_rng(1)
     common = rng.standard_normal(64)
     reference = (common + 0.1 * rng.standard_normal((200, 64))).astype(np.float32)
@@ -364,7 +417,10 @@ def test_fp32_gate_threshold() -> None:
 def save_checkpoint(
     folder: Path, loaded: mert.LoadedModel, fmt: str, drop: str | None = None
 ) -> None:
-    """A MERT-style checkpoint folder: config.json (model_type mert_model), old weight-norm names."""
+    """A MERT-style checkpoint folder.
+
+    config.json (model_type mert_model), old weight-norm names.
+    """
     folder.mkdir(parents=True)
     config = loaded.model.config.to_dict()
     config.update(
@@ -565,3 +621,34 @@ def spec_from(repo: Path):
         embedding_dim=32,
         params={key: config.parameters[key].string_value for key in CONTRACT_PARAMS},
     )
+
+
+def test_gate_reference_proves_the_fp32_onnx_then_reuses_it(
+    tmp_path: Path, fp32_repo, monkeypatch
+) -> None:
+    """fp16/int8 are gated against the fp32 ONNX in ONNX Runtime, proven against PyTorch first."""
+    from export import reference
+
+    monkeypatch.setenv(reference.CACHE_ENV, str(tmp_path / "cache"))
+    repo, _ = fp32_repo
+    fp32 = repo / "mert" / "1" / "model.onnx"
+    loaded = mert.random_model("tiny", 0)
+    audio = audio_windows(12)
+    first = reference.gate_reference(
+        loaded.model, loaded.weights_sha256, fp32, audio, (0, 1, 2), parity_windows=4
+    )
+    pytorch = transformers_pooled(loaded.model, audio, (0, 1, 2), last_norm=False)
+    assert not first.cached and first.parity_max_rel_l2 < validate.FP32_MAX_REL_L2
+    assert validate.rel_l2(first.embeddings, pytorch).max() < validate.FP32_MAX_REL_L2
+    again = reference.gate_reference(
+        loaded.model, loaded.weights_sha256, fp32, audio, (0, 1, 2), parity_windows=4
+    )
+    assert again.cached and np.array_equal(again.embeddings, first.embeddings)
+    # A fp32 file that does not reproduce PyTorch is never used as the reference, cached or not.
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(fp32.read_bytes())
+    perturb_projection(broken, 0.01)
+    with pytest.raises(ValidationError, match="relative L2"):
+        reference.gate_reference(
+            loaded.model, loaded.weights_sha256, broken, audio, (0, 1, 2), parity_windows=4
+        )

@@ -1,4 +1,6 @@
-"""config.pbtxt ownership: the export rewrites its block only, keeps the user's edits, refuses clashes.
+"""config.pbtxt ownership.
+
+The export rewrites its block only, keeps the user's edits, refuses clashes.
 
 Pure text and protobuf: no torch, no model; the end-to-end re-export is in test_export.py.
 """

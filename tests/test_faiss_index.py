@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 
 from mert_indexer.errors import StoreError
-from mert_indexer.indexer.faiss_index import INDEX_DIR, IndexOptions, LoadedIndex, prepare
+from mert_indexer.indexer.generation import INDEX_DIR
+from mert_indexer.indexer.kinds import IndexOptions, prepare
+from mert_indexer.indexer.loaded import LoadedIndex
+from mert_indexer.indexer.plan import PendingFile
 from mert_indexer.indexer.search import Searcher
-from mert_indexer.indexer.store import SEGMENTS_DIR, IndexStore, PendingFile
+from mert_indexer.indexer.segments import SEGMENTS_DIR
+from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100

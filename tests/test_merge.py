@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mert_indexer.errors import ModelMismatchError
+from mert_indexer.indexer import merge
 from mert_indexer.indexer.cli import merge_main
 from mert_indexer.indexer.merge import merge_stores
 from mert_indexer.indexer.search import Searcher
 from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import clip_starts
+from mert_indexer.indexer.verify import verify_store
 from tests.test_store import EMB, IDENTITY, contents, index_files, make_files, track_no
 
 
@@ -60,9 +63,8 @@ def test_merge_equals_one_store_built_from_all(shards, tmp_path: Path) -> None:
     assert got[0].offset_seconds == pytest.approx(expected[0].offset_seconds, abs=1e-6)
 
     again = merge_stores([a, b], tmp_path / "merged")  # a rerun changes nothing
-    assert (
-        again["tracks_added"] == 0 and again["tracks_already_present"] == 9
-    )  # 8 tracks + the copy
+    assert again["tracks_added"] == 0 and again["tracks_already_present"] == 8
+    assert again["entries_removed"] == 0 and again["duplicates"] == 0
     with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
         assert contents(merged) == want
 
@@ -86,3 +88,67 @@ def test_merge_cli(shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("indexer-merge: error: ") and "missing" in err[0]
     assert np.isfinite(Searcher(tmp_path / "merged").info["params"]["null_similarity"])
+
+
+def single_store(folder: Path, files: list[str], failure: str | None = None) -> Path:
+    with IndexStore.open(folder, IDENTITY, create=True) as single:
+        index_files(single, files)
+        if failure:
+            single.record_failure(failure, "cannot decode")
+            single.commit()
+    return folder
+
+
+def state(index: Path) -> tuple[set, dict, dict]:
+    with IndexStore.open(index, None, create=False) as store:
+        return contents(store), store.duplicates(), store.failures()
+
+
+def test_merge_is_incremental_after_sources_change(shards, tmp_path: Path) -> None:
+    """Item 9: a rerun into an existing destination follows its sources: a track pruned in a
+    shard goes, a changed file replaces its entry, new ones arrive; vectors are the sources'."""
+    files, a, b = shards
+    bad = str(tmp_path / "music" / "bad.mp3")
+    merge_stores([a, b], tmp_path / "merged")
+    os.remove(files[5])  # pruned in shard 1
+    Path(files[6]).write_bytes(b"changed" * 999)  # re-embedded in shard 1
+    extra = make_files(tmp_path / "music", 1, start=30)
+    with IndexStore.open(b, IDENTITY, create=True) as store:
+        current = [f for f in files[4:] if f != files[5]] + extra
+        plan = store.plan(current)
+        store.prune(plan.gone)
+        index_files(store, current)
+    result = merge_stores([a, b], tmp_path / "merged")
+    assert result["tracks_added"] == 2 and result["entries_removed"] == 2  # 5 gone, 6 replaced
+    now = [f for f in files if f != files[5]] + extra
+    want = state(single_store(tmp_path / "single", now, failure=bad))
+    assert state(tmp_path / "merged") == want
+    assert verify_store(tmp_path / "merged").ok
+
+
+def test_merge_reads_each_source_as_of_one_snapshot(
+    shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 9: a shard written while the merge copies it is copied as of the merge's start."""
+    files, a, b = shards
+    before = state(single_store(tmp_path / "single", files, str(tmp_path / "music" / "bad.mp3")))
+    real_point = merge.faults.point
+    changed = []
+
+    def write_to_source_meanwhile(name: str) -> None:
+        if name == "merge.copy" and not changed:
+            changed.append(name)
+            with IndexStore.open(a, IDENTITY, create=True) as src:
+                os.remove(files[0])
+                src.prune(src.plan(files[1:4]).gone)  # a track goes while it is being copied
+                index_files(src, make_files(tmp_path / "music", 1, start=40))
+        real_point(name)
+
+    monkeypatch.setattr(merge.faults, "point", write_to_source_meanwhile)
+    merge_stores([a, b], tmp_path / "merged")
+    assert changed and state(tmp_path / "merged") == before
+    monkeypatch.undo()
+    merge_stores([a, b], tmp_path / "merged")  # the next merge catches up
+    with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
+        paths = {t.path for t in merged.tracks()}
+    assert files[0] not in paths and str(tmp_path / "music" / "track40.mp3") in paths

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mert_indexer.client.synth import music, write
+from mert_indexer.indexer.verify import verify_store
 from tests.conftest import BIN, run_cli, serve_options, window_set
 
 SR = 44_100
@@ -181,7 +182,8 @@ def reference_windows(triton, many_tracks, tmp_path_factory) -> list[tuple[str, 
     )
     assert proc.returncode == 0, proc.stderr
     keys = window_set(index)
-    assert len(keys) == len(set(keys)) > 24
+    assert len({p for p, _ in keys}) == 24 and len(keys) > 24
+    assert verify_store(index, check_index=False).ok  # rows tile each track, starts inside it
     return keys
 
 
@@ -288,6 +290,101 @@ def test_server_killed_and_restarted_mid_run(tiny_repo, many_tracks, reference_w
     assert window_set(index) == reference_windows
 
 
+def _vectors(index: Path) -> dict[str, np.ndarray]:
+    from mert_indexer.indexer.store import IndexStore
+
+    with IndexStore.open(index, None, create=False) as store:
+        return {t.path: v.astype(np.float32) for t, _, v in store.iter_windows()}
+
+
+@pytest.mark.parametrize(
+    "change", ["identity", pytest.param("seed1", marks=pytest.mark.slow)], ids=str
+)
+def test_server_restarted_with_another_model_stops_the_run(
+    tiny_repo, triton, many_tracks, reference_windows, tmp_path, change
+):
+    """Issue 13, item 5: the served repository gets another model mid-run and the server is
+    restarted; the client's retries reach it, re-read its identity, and stop the run with a
+    typed error. What was committed is the old model's; nothing of the new one is stored.
+    ``identity``: the same weights under another identity (fast); ``seed1``: a re-export
+    with other weights, checked vector by vector against the old model."""
+    import re as _re
+
+    from mert_indexer.server.launcher import LocalTriton
+    from tests.conftest import export_tiny
+
+    repo = tmp_path / "served"
+    shutil.copytree(tiny_repo, repo)
+    other = export_tiny(tmp_path / "other", "--seed", "1") if change == "seed1" else None
+    options = serve_options(repo)
+    server = LocalTriton(options)
+    server.start()
+    index = tmp_path / "idx"
+    cmd = [
+        str(BIN / "indexer-client"),
+        "--server",
+        server.grpc_url,
+        "--input",
+        str(many_tracks),
+        "--index",
+        str(index),
+        *SLOW_CLIENT,
+        "--deadline",
+        "120",
+    ]
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for_progress(client, index, 4)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        server.stop()
+        config = repo / "mert" / "config.pbtxt"
+        if other is None:
+            text = config.read_text()
+            config.write_text(
+                _re.sub(
+                    r'(weights_sha256" value: \{ string_value: ")[0-9a-f]+',
+                    r"\g<1>" + "e" * 64,
+                    text,
+                )
+            )
+            assert "e" * 64 in config.read_text()
+        else:
+            shutil.copy2(other / "mert" / "1" / "model.onnx", repo / "mert" / "1" / "model.onnx")
+            shutil.copy2(other / "mert" / "config.pbtxt", config)
+        server = LocalTriton(options)
+        server.start()
+        _out, err = client.communicate(timeout=300)
+    finally:
+        server.stop()
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("indexer-client: error:") and "the model changed during the run" in last
+    committed = window_set(index)
+    tracks = {p for p, _ in committed}
+    assert len(tracks) >= 4 and set(committed) <= set(reference_windows)
+    if other is not None:  # every stored vector is the old model's
+        ref = tmp_path / "ref"
+        inputs = [a for p in sorted(tracks) for a in ("--input", p)]
+        proc = run_cli(
+            "indexer-client",
+            "--server",
+            triton.grpc_url,
+            *inputs,
+            "--index",
+            str(ref),
+            "--no-progress",
+            "--no-build",
+        )
+        assert proc.returncode == 0, proc.stderr
+        got, want = _vectors(index), _vectors(ref)
+        assert got.keys() == want.keys()
+        for path in got:
+            np.testing.assert_allclose(got[path], want[path], rtol=2e-3, atol=2e-3)
+
+
 def test_server_never_back_fails_clearly_and_rerun_completes(
     tiny_repo, triton, many_tracks, reference_windows, tmp_path
 ):
@@ -364,8 +461,8 @@ def test_disk_full_is_a_clear_error_and_nothing_is_corrupted(triton, many_tracks
     assert last.startswith("indexer-client: error:") and (
         "No space left" in last or "disk is full" in last
     ), proc.stderr
-    keys = window_set(index)  # whatever was committed is readable and whole
-    assert len(keys) == len(set(keys))
+    report = verify_store(index, check_index=False)  # what was committed is readable, whole
+    assert report.ok, report.problems
     # Free space (as a user would), rerun: it completes.
     big = small_fs.parent / "moved"
     shutil.copytree(index, big)
@@ -477,7 +574,10 @@ def test_local_server_binds_loopback_only(triton):
 
 
 def test_no_pickle_loading_in_the_code():
-    """Stores, indexes and weights are never unpickled (np.load allow_pickle, pickle, torch.load)."""
+    """Stores, indexes and weights are never unpickled.
+
+    No np.load allow_pickle, pickle or torch.load.
+    """
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in [

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from mert_indexer.errors import QueryError
-from mert_indexer.indexer.faiss_index import IndexOptions
-from mert_indexer.indexer.search import Match, Searcher, SearchOptions
-from mert_indexer.indexer.store import IndexStore, PendingFile
+from mert_indexer.indexer.kinds import IndexOptions
+from mert_indexer.indexer.plan import PendingFile
+from mert_indexer.indexer.search import Searcher, SearchOptions
+from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
     clip_starts,
@@ -140,7 +141,16 @@ def test_bad_queries_are_refused(indexed) -> None:
     with pytest.raises(QueryError, match="NaN"):
         searcher.search(np.full((1, DIM), np.nan, np.float32), np.zeros(1))
     assert searcher.identity == IDENTITY
-    assert Match("a", 1.0, 0.5) == Match("a", 1.0, 0.5)
+
+
+def test_matches_name_the_catalog_track_id(indexed) -> None:
+    emb, searcher = indexed
+    with IndexStore.open(searcher.index_dir, None, create=False) as store:
+        ids = {t.path: t.id for t in store.tracks()}
+    for t in (0, 2, N_TRACKS - 1):
+        clip = emb.windows(t, 3.0 + CLIP, track_seconds=seconds_of(t))
+        best = searcher.search(clip, CLIP)[0]
+        assert (best.track, best.track_id) == (f"track{t}.mp3", ids[f"track{t}.mp3"])
 
 
 def test_rank_only_mode_answers_every_clip(indexed) -> None:
@@ -149,4 +159,33 @@ def test_rank_only_mode_answers_every_clip(indexed) -> None:
     assert searcher.search(clip, CLIP) == []
     rank_only = Searcher(searcher.index_dir, options=SearchOptions(min_score=None))
     guesses = rank_only.search(clip, CLIP, top=3)
-    assert guesses and all(m.track.startswith("track") for m in guesses)
+    catalogued = {f"track{t}.mp3" for t in range(N_TRACKS)}
+    assert guesses and {m.track for m in guesses} <= catalogued
+    assert len({m.track for m in guesses}) == len(guesses)  # one guess per track
+
+
+@pytest.mark.parametrize("offset", [0.0, 8.0], ids=["separated", "untrained-like"])
+def test_one_track_catalogue_rejects_other_music(tmp_path: Path, offset: float) -> None:
+    # One indexed track has no other track to calibrate the no-match floor
+    # against; without a floor, 46 of 100 clips of other music matched it here.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=17, offset=offset)
+    build(tmp_path, emb, 1)
+    with Searcher(tmp_path) as searcher:
+        matched = sum(
+            bool(
+                searcher.search(
+                    emb.windows(500 + i, 11.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i),
+                    CLIP,
+                )
+            )
+            for i in range(100)
+        )
+        assert matched <= 1, f"{matched} of 100 clips of other music matched the one track"
+        rng = np.random.default_rng(3)
+        found = 0
+        for i in range(20):
+            at = float(rng.uniform(0, seconds_of(0) - 10.0))
+            clip = emb.windows(0, at + CLIP, track_seconds=seconds_of(0), noise=0.05, noise_seed=i)
+            m = searcher.search(clip, CLIP)
+            found += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
+        assert found >= 18, f"only {found} of 20 excerpts of the indexed track found"

@@ -230,3 +230,32 @@ def test_committed_gpu_config_is_what_the_docs_say():
     (group,) = config.instance_group
     assert (group.count, group.kind, list(group.gpus)) == (1, mc().ModelInstanceGroup.KIND_GPU, [0])
     assert config.model_warmup, "the model must be warm before it reports ready"
+
+
+def test_derived_config_carries_the_int8_recipe_from_the_model_metadata(tmp_path):
+    """The backend needs the recipe before it opens the session: a TensorRT-recipe model runs
+    on CPU with QDQ simulated in fp32, the same on every CPU class."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    for key, value in {"export.int8_method": "static_qdq_tensorrt", "indexer.x": "é"}.items():
+        model.metadata_props.add(key=key, value=value)
+    repo = make_repo(tmp_path / "src", USER_BLOCK + EXPORTER_BLOCK)
+    onnx.save(model, str(repo / "mert" / "1" / "model.onnx"))
+    assert local_repo.onnx_metadata(repo / "mert" / "1" / "model.onnx") == {
+        "export.int8_method": "static_qdq_tensorrt",
+        "indexer.x": "é",
+    }
+    local_repo.derive(repo, tmp_path / "out", provider="cpu", cpu_count=2)
+    cfg = load_config(tmp_path / "out" / "mert" / "config.pbtxt")
+    assert cfg.parameters[local_repo.P_INT8_METHOD].string_value == "static_qdq_tensorrt"
+    # A file without the key (fp32, or not a model at all) gets no parameter.
+    _, plain = derived(tmp_path / "plain", USER_BLOCK + EXPORTER_BLOCK)
+    assert local_repo.P_INT8_METHOD not in plain.parameters

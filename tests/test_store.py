@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from mert_indexer.errors import ModelMismatchError, StoreError
+from mert_indexer.indexer import locking as locking_module
 from mert_indexer.indexer import segments
-from mert_indexer.indexer.catalog import Catalog
-from mert_indexer.indexer.store import IndexStore, PendingFile
+from mert_indexer.indexer.catalog import Transaction
+from mert_indexer.indexer.plan import PendingFile
+from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import SyntheticEmbedder, indexed_track, synthetic_identity
 
 SR = 100
@@ -107,7 +109,7 @@ def test_round_trip_and_unchanged_files_are_not_read(
             np.testing.assert_array_equal(starts, want_starts)
             np.testing.assert_allclose(vecs.astype(np.float32), want, rtol=1e-3, atol=1e-3)
         monkeypatch.setattr(
-            "mert_indexer.indexer.store.content_hash", lambda p: pytest.fail(f"{p} was hashed")
+            "mert_indexer.indexer.plan.content_hash", lambda p: pytest.fail(f"{p} was hashed")
         )
         plan = store.plan(files)
         assert plan.unchanged == tuple(files) and not plan.todo
@@ -320,7 +322,7 @@ def test_disk_full_while_writing_the_catalog(
         def full(*args: object) -> int:
             raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(Catalog, "insert_track", staticmethod(full))
+        monkeypatch.setattr(Transaction, "insert_track", full)
         with pytest.raises(
             StoreError, match="catalog write failed, nothing recorded: database or disk is full"
         ):
@@ -344,3 +346,226 @@ def test_segments_roll_over_and_tracks_stay_contiguous(tmp_path: Path) -> None:
             index_files(store, [f])
         assert store.stats()["segments"] >= 3
         assert_no_gaps_no_duplicates(store)
+
+
+# -- issue 13: what a durable store must survive ------------------------------------------
+
+
+class InterruptAfterCommit:
+    """The catalog connection, raising KeyboardInterrupt once SQLite's COMMIT has returned:
+    where Python delivers a Ctrl-C that landed while SQLite committed."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.fired = False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        cursor = self._db.execute(sql, *args)
+        if sql == "COMMIT" and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return cursor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_interrupt_after_commit_keeps_the_committed_tracks(tmp_path: Path) -> None:
+    """Item 1: committed rows are judged by the catalog, not by the exception."""
+    files = make_files(tmp_path / "music", 4)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        index_files(store, files[:2])
+        plan = store.plan(files)
+        for p in plan.todo:
+            add(store, p)
+        proxy = InterruptAfterCommit(store._catalog._db)
+        store._catalog._db = proxy  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            store.commit()
+        assert proxy.fired
+        store._catalog._db = proxy._db
+        assert store.pending_windows == 0  # committed: nothing left to commit twice
+        assert_no_gaps_no_duplicates(store)
+        store.commit()
+    with IndexStore.open(tmp_path / "idx", None, create=False) as reader:
+        got = contents(reader)
+    with IndexStore.open(tmp_path / "clean", IDENTITY, create=True) as clean:
+        index_files(clean, files)
+        assert got == contents(clean)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        assert not store.plan(files).todo  # a rerun has nothing to do
+        assert_no_gaps_no_duplicates(store)
+
+
+def test_copy_is_recorded_only_with_its_committed_original(tmp_path: Path) -> None:
+    """Item 2: a copy of a file not yet committed waits for it; a run that dies before, and
+    the original's removal, leave the copy to be embedded next run."""
+    music = tmp_path / "music"
+    (a,) = make_files(music, 1)
+    copy = str(music / "copy.mp3")
+    Path(copy).write_bytes(Path(a).read_bytes())
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        plan = store.plan([a, copy])
+        assert [p.path for p in plan.todo] == [a] and plan.duplicates[0][0].path == copy
+        store.apply(plan)
+        assert store.status(copy) is None  # not before its original is committed
+    os.remove(a)  # the run died before the commit; then the original went
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        plan = store.plan([copy])
+        assert [p.path for p in plan.todo] == [copy]
+        store.apply(plan)
+        add(store, plan.todo[0], number=0)
+        store.commit()
+        assert store.status(copy)[0] == "indexed"
+    (b,) = make_files(music, 1, start=1)
+    copy_b = str(music / "copy_b.mp3")
+    Path(copy_b).write_bytes(Path(b).read_bytes())
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        index_files(store, [copy, b, copy_b])  # the original commits: its copy with it
+        assert store.status(copy_b) == ("duplicate", store.status(b)[1])
+
+
+def test_unreadable_this_time_keeps_the_indexed_track(tmp_path: Path) -> None:
+    """Item 3: a file that cannot be read this time (its drive unmounted behind a link, a
+    path that is no regular file any more) keeps its track without --prune and with it."""
+    drive, music = tmp_path / "drive", tmp_path / "music"
+    on_drive = make_files(drive, 2)
+    music.mkdir()
+    links = []
+    for f in on_drive:
+        link = music / Path(f).name
+        link.symlink_to(f)
+        links.append(str(link))
+    (local,) = make_files(music, 1, start=5)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        index_files(store, [*links, local])
+        before = contents(store)
+        os.rename(drive, tmp_path / "unmounted")  # the links now dangle
+        os.remove(local)
+        os.mkfifo(local)  # there, but not a file that can be read
+        plan = store.plan([*links, local], roots=[music])
+        assert {p for p, _ in plan.unreadable} == {*links, local} and not plan.gone
+        for path, reason in plan.unreadable:  # what indexer-client's run() does
+            store.record_failure(path, reason, transient=True)
+        store.commit()
+        assert contents(store) == before and store.failures() == {}
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        new = music / "new.mp3"
+        new.symlink_to(tmp_path / "nowhere.mp3")  # never indexed: recorded as failed
+        plan = store.plan([*links, local, str(new)], roots=[music])
+        for path, reason in plan.unreadable:
+            store.record_failure(path, reason, transient=True)
+        store.commit()
+        assert store.prune(plan.gone) == 0
+        assert contents(store) == before and set(store.failures()) == {str(new)}
+
+
+def test_prune_depends_neither_on_the_directory_nor_on_other_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 4: paths are stored absolute; only gone paths under this run's inputs prune."""
+    music = tmp_path / "music"
+    rock, jazz = make_files(music / "rock", 2), make_files(music / "jazz", 2, start=2)
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(p, tmp_path) for p in rock + jazz]
+    with IndexStore.open("idx", IDENTITY, create=True) as store:
+        index_files(store, relative)  # as the README's example gives them: relative
+        assert {t.path for t in store.tracks()} == set(rock + jazz)
+    monkeypatch.chdir(music)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        os.remove(jazz[0])
+        plan = store.plan(["rock/" + Path(p).name for p in rock], roots=["rock"])
+        assert not plan.gone and set(plan.unchanged) == set(rock)  # jazz is not this run's
+        plan = store.plan(jazz[1:], roots=[music / "jazz"])
+        assert plan.gone == (jazz[0],)
+        assert store.prune(plan.gone) == 1
+        assert {t.path for t in store.tracks()} == {*rock, jazz[1]}
+
+
+def _as_schema_1(index: Path, base: Path) -> None:
+    """Rewrite a store as schema 1 wrote it: paths relative to the run's directory."""
+    db = sqlite3.connect(index / "catalog.sqlite")
+    with db:
+        for table in ("tracks", "duplicates", "failures"):
+            for (path,) in db.execute(f"SELECT path FROM {table}").fetchall():
+                rel = os.path.relpath(path, base)
+                db.execute(f"UPDATE {table} SET path = ? WHERE path = ?", (rel, path))
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.close()
+
+
+def test_schema_1_relative_paths_migrate_or_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 4: a store of relative paths migrates where they name the recorded files."""
+    files = make_files(tmp_path / "music", 3)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        index_files(store, files)
+        want = contents(store)
+    _as_schema_1(tmp_path / "idx", tmp_path)
+    with IndexStore.open(tmp_path / "idx", None, create=False) as reader:  # readers take it
+        assert {t.path for t in reader.tracks()} == {f"music/{Path(f).name}" for f in files}
+    monkeypatch.chdir(tmp_path / "music")  # the wrong folder: refused, nothing changed
+    with pytest.raises(StoreError, match="run once from that folder"):
+        IndexStore.open(tmp_path / "idx", IDENTITY, create=True)
+    monkeypatch.chdir(tmp_path)
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as store:
+        assert contents(store) == want and store._catalog.get_meta("schema_version") == 2
+
+
+def test_store_folder_named_with_uri_characters_opens_read_only(tmp_path: Path) -> None:
+    """Item 10: '#', '?' and '%' in the folder name (the SQLite URI is escaped)."""
+    index = tmp_path / "100% #1?.idx"
+    files = make_files(tmp_path / "music", 1)
+    with IndexStore.open(index, IDENTITY, create=True) as store:
+        index_files(store, files)
+    with IndexStore.open(index, None, create=False) as reader:
+        assert [t.path for t in reader.tracks()] == files
+
+
+def test_filesystem_whose_flock_excludes_nothing_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: two writers where flock() always succeeds (some NFS, SMB, FUSE mounts)."""
+    IndexStore.open(tmp_path, IDENTITY, create=True).close()
+    monkeypatch.setattr(locking_module.fcntl, "flock", lambda fd, op: None)
+    with pytest.raises(StoreError, match="does not exclude a second writer"):
+        IndexStore.open(tmp_path, IDENTITY, create=True)
+
+
+def test_second_writer_let_in_by_another_host_stops_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: locks that exclude on one machine only; the owner record fences commits."""
+    host = {"name": "a"}
+    held: dict[tuple[str, int], int] = {}
+    real_flock = locking_module.fcntl.flock
+
+    def per_host_flock(fd: int, op: int) -> None:
+        key = (host["name"], os.fstat(fd).st_ino)
+        owner = held.get(key)
+        if owner is not None and owner != fd:
+            try:
+                os.fstat(owner)
+            except OSError:
+                owner = None
+        if owner is not None and owner != fd:
+            raise BlockingIOError(errno.EWOULDBLOCK, "locked")
+        held[key] = fd
+
+    files = make_files(tmp_path / "music", 3)
+    monkeypatch.setattr(locking_module.fcntl, "flock", per_host_flock)
+    first = IndexStore.open(tmp_path / "idx", IDENTITY, create=True)
+    index_files(first, files[:1])
+    host["name"] = "b"
+    with IndexStore.open(tmp_path / "idx", IDENTITY, create=True) as second:
+        index_files(second, files[1:2])
+        plan = first.plan(files)
+        add(first, plan.todo[-1])
+        with pytest.raises(StoreError, match=r"another writer .* opened this store"):
+            first.commit()
+        first.close()
+    monkeypatch.setattr(locking_module.fcntl, "flock", real_flock)
+    with IndexStore.open(tmp_path / "idx", None, create=False) as reader:
+        assert {t.path for t in reader.tracks()} == set(files[:2])
+        assert_no_gaps_no_duplicates(reader)

@@ -23,6 +23,12 @@ import triton_python_backend_utils as pb_utils  # provided by the Triton Python 
 P_ONNX_PATH = "local.onnx_path"
 P_INTRA_OP_THREADS = "local.intra_op_threads"
 P_PROVIDER = "local.provider"
+P_INT8_METHOD = "local.int8_method"
+# INT8 recipes made for another runtime (export/quantize.py: ``simulate_on_cpu``). On CPU
+# they run with QDQ fusion off: exact simulated quantisation, the same on every x86 CPU,
+# instead of ONNX Runtime's fused u8 x s8 kernels, which saturate for full-range int8
+# weights on CPUs without VNNI.
+SIMULATE_ON_CPU = ("static_qdq_tensorrt",)
 
 
 class TritonPythonModel:
@@ -42,7 +48,9 @@ class TritonPythonModel:
         # windows/s, without spinning ~75; benchmarks/results/serving.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
+        if params.get(P_PROVIDER) != "cuda" and params.get(P_INT8_METHOD) in SIMULATE_ON_CPU:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         if params.get(P_PROVIDER) == "cuda":
             device_id = int(args.get("model_instance_device_id", "0"))
             providers = [

@@ -1,0 +1,156 @@
+"""Training material for the stand-in: the music folder, its split, and contrastive batches.
+
+A batch holds ``pairs`` (anchor, positive) windows of ``WINDOW_SAMPLES``: the
+anchor is clean audio at a random position (what the index stores), the
+positive the same audio cut up to ``max_shift_s`` earlier or later, at any
+sample (not whole 320-sample frames: that is what random-init MERT fails on),
+then degraded (``augment.py``). Windows of one track appear in groups, at
+least a window apart, so that telling two places of one track apart is part of
+the task (the search needs the offset too). Every draw comes from
+``np.random.default_rng([seed, step])``: a batch depends on nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export import augment
+from export.standin import HELD_OUT_TRACKS, SAMPLE_RATE, TRAIN_TRACKS, WINDOW_SAMPLES
+from mert_indexer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = frozenset({".ogg", ".flac", ".wav", ".mp3", ".m4a", ".opus"})
+
+
+@dataclass(frozen=True)
+class Track:
+    """One decoded file: 24 kHz mono float32 and what identifies the file."""
+
+    name: str
+    path: Path
+    sha256: str
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which files of a music folder are trained on and which are held apart."""
+
+    train: tuple[Path, ...]
+    held_out: tuple[Path, ...]
+
+
+def audio_files(folder: Path) -> list[Path]:
+    """The audio files directly in ``folder``, sorted by name (a stable order for the seed)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--music {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise ConfigError(f"--music {folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+    return files
+
+
+def split(files: list[Path]) -> Split:
+    """The freedroidrpg split (``export.standin``) when the folder has those tracks, else all-train.
+
+    Held-apart tracks are never trained on, whatever else the folder holds.
+    A folder without any of the named tracks (generated music, say) is all
+    training material.
+    """
+    known = [p for p in files if p.stem in TRAIN_TRACKS or p.stem in HELD_OUT_TRACKS]
+    if not known:
+        return Split(train=tuple(files), held_out=())
+    held = tuple(p for p in files if p.stem in HELD_OUT_TRACKS)
+    train = tuple(p for p in files if p.stem not in HELD_OUT_TRACKS)
+    return Split(train=train, held_out=held)
+
+
+def load_tracks(paths: tuple[Path, ...]) -> list[Track]:
+    """Decode each file (24 kHz mono); a file shorter than two windows is useless, so refused."""
+    from mert_indexer.client.decode import decode
+
+    tracks = []
+    for path in paths:
+        audio = decode(path, SAMPLE_RATE)
+        if len(audio) < 2 * WINDOW_SAMPLES:
+            raise ConfigError(
+                f"{path}: shorter than two windows ({len(audio) / SAMPLE_RATE:.1f} s)"
+            )
+        tracks.append(Track(name=path.stem, path=path, sha256=file_sha256(path), audio=audio))
+    return tracks
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """The shape of a contrastive batch."""
+
+    pairs: int = 16
+    per_track: int = 4  # windows of one track per batch: hard negatives
+    max_shift_s: float = 0.6
+    degradations: augment.Degradations = field(default_factory=augment.Degradations)
+
+
+def batch(
+    tracks: list[Track], spec: BatchSpec, seed: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(anchors, positives)``, each ``[pairs, WINDOW_SAMPLES]`` float32, fixed by (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    lengths = np.array([len(t.audio) for t in tracks], dtype=np.float64)
+    anchors = np.empty((spec.pairs, WINDOW_SAMPLES), np.float32)
+    positives = np.empty_like(anchors)
+    max_shift = round(spec.max_shift_s * SAMPLE_RATE)
+    row = 0
+    while row < spec.pairs:
+        track = tracks[int(rng.choice(len(tracks), p=lengths / lengths.sum()))]
+        count = min(spec.per_track, spec.pairs - row)
+        for start in spread_starts(len(track.audio), count, max_shift, rng):
+            shift = int(rng.integers(-max_shift, max_shift + 1))
+            anchors[row] = track.audio[start : start + WINDOW_SAMPLES]
+            positives[row] = positive(track.audio, start + shift, rng, spec.degradations)
+            row += 1
+    return anchors, positives
+
+
+def spread_starts(n: int, count: int, margin: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``count`` window starts in ``[margin, n - window - margin]``, at least a window apart.
+
+    Slots of two windows each, a random start inside the first half of each:
+    neighbours are then at least one window apart (no overlap, no false negatives
+    except a piece's literal repeats).
+    """
+    usable = n - WINDOW_SAMPLES - 2 * margin
+    slots = max(1, usable // (2 * WINDOW_SAMPLES))
+    chosen = rng.choice(slots, size=min(count, slots), replace=False)
+    starts = []
+    for slot in sorted(int(s) for s in chosen):
+        base = margin + slot * 2 * WINDOW_SAMPLES
+        top = min(base + WINDOW_SAMPLES, margin + usable)
+        starts.append(int(rng.integers(base, max(base, top) + 1)))
+    return starts
+
+
+def positive(
+    audio: np.ndarray, start: int, rng: np.random.Generator, spec: augment.Degradations
+) -> np.ndarray:
+    """The window at ``start``, degraded with 0.25 s of context each side (codec, reverb)."""
+    context = SAMPLE_RATE // 4
+    lo = max(0, start - context)
+    hi = min(len(audio), start + WINDOW_SAMPLES + context)
+    degraded = augment.degrade(audio[lo:hi], SAMPLE_RATE, rng, spec)
+    offset = start - lo
+    return degraded[offset : offset + WINDOW_SAMPLES]
