@@ -460,7 +460,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         (
-            "Measured on 2 cores shared with other engineers' jobs (load average 3-10): "
+            "Measured on 2 cores shared with other jobs (load average 3-10): "
             "latencies are noisy, a run that coincides with a busy spell reads slower. Peak "
             "build RSS counts the memory-mapped segment pages the build reads (page cache), so "
             "it overstates what a build must own."
@@ -773,7 +773,7 @@ def scale_markdown(r: dict[str, Any]) -> str:
         f"{r['cpu']}; {r['threads']} FAISS threads; seed {r['seed']}; D = {DIM}; "
         "synthetic MERT-shaped vectors (untrained-like); 10 s clips, 0.5 s hop, noise "
         f"{NOISE}; IVF-PQ built with `rebuild --kind ivfpq`. Run once, on 2 cores shared "
-        "with other engineers' jobs: times are noisy and pessimistic.",
+        "with other jobs: times are noisy and pessimistic.",
         "",
         "| windows | tracks | index | build s (window index + track step) | peak build RSS MiB "
         "| index B/window (disk) "
