@@ -148,18 +148,7 @@ class IndexUpkeep:
                 reader = SegmentReader(
                     self.root / SEGMENTS_DIR, self.dim, self._catalog.segment_rows()
                 )
-                try:
-                    info = build.build(
-                        _runs(after),
-                        reader,
-                        index_root,
-                        identity=self.identity,
-                        options=options,
-                        progress=progress,
-                        add=False,
-                    )
-                finally:
-                    reader.close()
+                info = self._rewrite_index(after, reader, options, progress)
                 tx.set_meta("index", {k: v for k, v in info.items() if k != "identity"})
         gone = [before[i] for i in sorted(set(before) - {t.id for t in after})]
         return {
@@ -254,19 +243,7 @@ class IndexUpkeep:
         index_root = self.root / INDEX_DIR
         if read_current(index_root) is not None:
             faults.point("compact.index")
-            reader = self.reader()
-            try:
-                info = build.build(
-                    _runs(moved),
-                    reader,
-                    index_root,
-                    identity=self.identity,
-                    options=options,
-                    progress=progress,
-                    add=False,
-                )
-            finally:
-                reader.close()
+            info = self._rewrite_index(moved, self.reader(), options, progress)
         faults.point("compact.switch")
         with self._catalog.transaction() as tx:
             for t in tracks:
@@ -297,6 +274,30 @@ class IndexUpkeep:
             "index": info,
         }
         return result
+
+    def _rewrite_index(
+        self,
+        tracks: list[TrackRow],
+        reader: SegmentReader,
+        options: IndexOptions | None,
+        progress: bool,
+    ) -> dict[str, Any]:
+        """A new generation over ``tracks`` with nothing added or retrained (remove, compact).
+
+        Closes ``reader`` when done.
+        """
+        try:
+            return build.build(
+                _runs(tracks),
+                reader,
+                self.root / INDEX_DIR,
+                identity=self.identity,
+                options=options,
+                progress=progress,
+                add=False,
+            )
+        finally:
+            reader.close()
 
 
 def _runs(tracks: Iterable[TrackRow]) -> list[TrackRun]:
