@@ -386,6 +386,8 @@ class Answer:
     offset_ok: bool = False  # within the tolerance, or at a literal repeat
     repeat: bool = False  # counted correct as a literal repeat
     error: float | None = None  # seconds to the true offset (or to the repeat answered)
+    # Wrong offsets: waveform NCC of the answered place with the true one (lag <= 0.5 s)
+    repeat_ncc: float | None = None
 
 
 @dataclass
@@ -430,6 +432,12 @@ def cell_metrics(queries: Sequence[Query]) -> dict[str, Any]:
             "repeats_counted": sum(a.repeat for a in right),
             "offset_error_median": percentile(errors, 50),
             "offset_error_p95": percentile(errors, 95),
+            # How alike the answered and the true place are where the offset is wrong.
+            "wrong_offset_ncc": sorted(
+                round(a.repeat_ncc, 3)
+                for a in right
+                if not a.offset_ok and a.repeat_ncc is not None
+            ),
         }
     rejected_ex = sum(q.answer is None for q in ex)
     rejected_un = sum(q.answer is None for q in un)
@@ -637,6 +645,7 @@ class Judge:
             ncc, lag = literal_repeat(
                 self.track.audio, t, u, self.span, round(OFFSET_TOLERANCE * self.sr)
             )
+            a.repeat_ncc = ncc
             if ncc >= REPEAT_NCC:
                 a.offset_ok, a.repeat, a.error = True, True, abs(lag) / self.sr
         return a
@@ -872,18 +881,21 @@ def markdown(r: dict[str, Any]) -> str:
             "answered no match; precision = share of no-match answers that were un-indexed. "
             "Misses (thr): B below threshold / O wrong offset / R outranked / N no evidence "
             "for the true track. Scores (threshold 0, with the floor): true track's median "
-            "for excerpts; best p90/max for un-indexed clips."
+            "for excerpts; best p90/max for un-indexed clips. Wrong-offset NCC (rank): "
+            "median waveform NCC of the answered place with the true one where the offset "
+            "is wrong (1 = a literal repeat; music's near-repeats reach 0.8-0.95)."
         ),
         "",
         "| degradation | length | rank top-1 track | rank top-1 ±0.5 s | offset err med/p95 "
         "| thr top-1 ±0.5 s | wrongly rejected | no-match recall | no-match precision "
-        "| misses B/O/R/N | score excerpt med | score un-indexed p90/max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| misses B/O/R/N | score excerpt med | score un-indexed p90/max "
+        "| wrong-offset NCC med |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for length, why in r["unsupported_lengths"].items():
         lines.append(
             f"| all | {length} s | not supported (shorter than one window) | {why} "
-            + "| " * 9
+            + "| " * 10
             + "|"
         )
     labels = {d["name"]: d["label"] for d in r["degradations"]}
@@ -900,7 +912,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{_f(th['top1_offset'])} ({th['repeats_counted']}) | {_f(th['wrongly_rejected'])} | "
             f"{_f(th['nomatch_recall'])} | {_f(th['nomatch_precision'])} | {miss} | "
             f"{_f(sc['excerpt_true_median'])} | "
-            f"{_f(sc['unindexed_top_p90'])}/{_f(sc['unindexed_top_max'])} |"
+            f"{_f(sc['unindexed_top_p90'])}/{_f(sc['unindexed_top_max'])} | "
+            f"{_f(percentile(rk['wrong_offset_ncc'], 50))} |"
         )
     lines += [
         "",

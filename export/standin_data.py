@@ -16,11 +16,18 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from export import augment
-from export.standin import HELD_OUT_TRACKS, SAMPLE_RATE, TRAIN_TRACKS, WINDOW_SAMPLES
+from export.standin import (
+    HELD_OUT_TRACKS,
+    HOP_SAMPLES,
+    SAMPLE_RATE,
+    TRAIN_TRACKS,
+    WINDOW_SAMPLES,
+)
 from mert_indexer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,17 +109,36 @@ class BatchSpec:
     pairs: int = 16
     per_track: int = 4  # windows of one track per batch: hard negatives
     max_shift_s: float = 0.6
+    # Anchors that also get a clean twin cut 1-319 samples later: the same audio
+    # at another phase of the 320-sample frame, for a phase-consistency loss.
+    phase_twins: int = 0
     degradations: augment.Degradations = field(default_factory=augment.Degradations)
 
 
-def batch(
-    tracks: list[Track], spec: BatchSpec, seed: int, step: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(anchors, positives)``, each ``[pairs, WINDOW_SAMPLES]`` float32, fixed by (seed, step)."""
+class Batch(NamedTuple):
+    """One contrastive batch: ``[pairs, WINDOW_SAMPLES]`` anchors and positives, and twins.
+
+    ``twins[i]`` is anchor ``i`` cut a sub-frame shift later, clean
+    (``[phase_twins, WINDOW_SAMPLES]``; empty without them).
+    """
+
+    anchors: np.ndarray
+    positives: np.ndarray
+    twins: np.ndarray
+
+
+def batch(tracks: list[Track], spec: BatchSpec, seed: int, step: int) -> Batch:
+    """Anchors, positives and phase twins, float32, fixed by (seed, step).
+
+    The twins' phases come from a generator of their own, so a batch's
+    anchors and positives are the same with or without twins.
+    """
     rng = np.random.default_rng([seed, step])
+    twin_rng = np.random.default_rng([seed, step, 1])
     lengths = np.array([len(t.audio) for t in tracks], dtype=np.float64)
     anchors = np.empty((spec.pairs, WINDOW_SAMPLES), np.float32)
     positives = np.empty_like(anchors)
+    twins = np.empty((min(spec.phase_twins, spec.pairs), WINDOW_SAMPLES), np.float32)
     max_shift = round(spec.max_shift_s * SAMPLE_RATE)
     row = 0
     while row < spec.pairs:
@@ -122,8 +148,12 @@ def batch(
             shift = int(rng.integers(-max_shift, max_shift + 1))
             anchors[row] = track.audio[start : start + WINDOW_SAMPLES]
             positives[row] = positive(track.audio, start + shift, rng, spec.degradations)
+            if row < len(twins):
+                later = start + int(twin_rng.integers(1, HOP_SAMPLES))
+                later = min(later, len(track.audio) - WINDOW_SAMPLES)
+                twins[row] = track.audio[later : later + WINDOW_SAMPLES]
             row += 1
-    return anchors, positives
+    return Batch(anchors, positives, twins)
 
 
 def spread_starts(n: int, count: int, margin: int, rng: np.random.Generator) -> list[int]:

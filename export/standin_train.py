@@ -60,6 +60,7 @@ class TrainOptions:
     learning_rate: float = 2e-3
     warmup_steps: int = 20
     temperature: float = 0.05
+    phase_weight: float = 10.0  # of the phase-consistency term, when the batch has twins
     threads: int = field(default_factory=default_threads)
     validate: bool = True
     eval_spec: standin_eval.EvalSpec = field(default_factory=standin_eval.EvalSpec)
@@ -80,6 +81,10 @@ class TrainOptions:
             raise ConfigError("--threads must be at least 1")
         if not 0 < self.temperature <= 1:
             raise ConfigError("--temperature must be in (0, 1]")
+        if self.batch.phase_twins < 0 or self.batch.phase_twins > self.batch.pairs:
+            raise ConfigError(f"--phase-twins must be in 0..{self.batch.pairs} (the pairs)")
+        if self.phase_weight < 0:
+            raise ConfigError("--phase-weight must not be negative")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,21 @@ def nt_xent(anchors: Any, positives: Any, temperature: float) -> Any:
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
     return F.cross_entropy(logits, targets)
+
+
+def phase_consistency(views: Any, anchors: Any, twins: Any) -> Any:
+    """Mean ``1 - cos`` between anchors and their sub-frame-shifted twins, around the views' mean.
+
+    A window and the same audio a fraction of a 320-sample frame later should
+    embed alike: the strided convolutions alias, and a query never shares the
+    indexed window's frame phase.
+    """
+    import torch.nn.functional as F
+
+    mean = views.mean(dim=0, keepdim=True)
+    a = F.normalize(anchors[: len(twins)] - mean, dim=-1)
+    b = F.normalize(twins - mean, dim=-1)
+    return (1.0 - (a * b).sum(dim=-1)).mean()
 
 
 def learning_rate(options: TrainOptions, step: int, elapsed_s: float) -> float:
@@ -190,8 +210,10 @@ def _train(options: TrainOptions) -> TrainResult:
         "parameters": params,
         "weights_mb_fp32": round(params * 4 / 2**20, 2),
         "objective": {
-            "loss": "NT-Xent over 2N views, served embedding centred on the batch mean",
+            "loss": "NT-Xent over 2N views, served embedding centred on the batch mean"
+            + (" + phase consistency (sub-frame twins)" if options.batch.phase_twins else ""),
             "temperature": options.temperature,
+            "phase_weight": options.phase_weight if options.batch.phase_twins else None,
             "learning_rate": options.learning_rate,
             "warmup_steps": options.warmup_steps,
             "batch": asdict(options.batch),
@@ -252,11 +274,18 @@ def run_steps(
             if time.monotonic() >= deadline:
                 stopped_by = "minutes"
                 break
-            anchors, positives = standin_data.batch(tracks, options.batch, options.seed, step)
+            anchors, positives, twins = standin_data.batch(
+                tracks, options.batch, options.seed, step
+            )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(options, step, time.monotonic() - started)
-            both = pooled(torch.from_numpy(np.concatenate([anchors, positives])))
-            loss = nt_xent(both[: len(anchors)], both[len(anchors) :], options.temperature)
+            n = len(anchors)
+            views = pooled(torch.from_numpy(np.concatenate([anchors, positives, twins])))
+            loss = nt_xent(views[:n], views[n : 2 * n], options.temperature)
+            if len(twins):
+                loss = loss + options.phase_weight * phase_consistency(
+                    views[: 2 * n], views[:n], views[2 * n :]
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(pooled.parameters(), 1.0)

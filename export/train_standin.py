@@ -64,6 +64,21 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
     parser.add_argument(
         "--per-track", type=int, default=BatchSpec.per_track, help="windows of one track per batch"
     )
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        default=BatchSpec.max_shift_s,
+        help="seconds a positive may be cut earlier or later than its anchor (any sample)",
+    )
+    parser.add_argument(
+        "--phase-twins",
+        type=int,
+        default=BatchSpec.phase_twins,
+        help="anchors per batch that also get a clean twin a sub-frame shift later",
+    )
+    parser.add_argument(
+        "--phase-weight", type=float, default=10.0, help="weight of the phase-consistency term"
+    )
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads")
@@ -83,7 +98,13 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         minutes=args.minutes,
         seed=args.seed,
         init=args.init,
-        batch=BatchSpec(pairs=args.pairs, per_track=args.per_track),
+        batch=BatchSpec(
+            pairs=args.pairs,
+            per_track=args.per_track,
+            max_shift_s=args.max_shift,
+            phase_twins=args.phase_twins,
+        ),
+        phase_weight=args.phase_weight,
         learning_rate=args.lr,
         temperature=args.temperature,
         threads=args.threads,

@@ -18,16 +18,18 @@ clip windows only partly overlap indexed windows. The search is built on that:
    (a trained model) or all above 0.95 (an untrained one), and whatever the
    catalogue's size and density; the 3rd track, not the 2nd, so that a track
    indexed twice (two encodings) still matches;
-3. every hit proposes a hypothesis (track, offset = hit start - clip window
-   start); the strongest of the ``candidates`` most promising tracks are
-   checked, up to ``offsets_per_track`` offsets half a window apart each;
-4. a hypothesis is verified exactly: the clip windows against the track's
-   windows around that offset. The best-aligned pair fixes the offset, refined
-   to a fraction of a hop by a parabola through the neighbouring clip windows;
-   the score is the mean evidence of the *aligned pairs* -- each indexed window
-   the clip contains, with its nearest clip window. Near-duplicates count;
-   partial overlaps and runs of overlapping clip windows that fall on one
-   random window do not add up.
+3. the ``candidates`` tracks with the strongest hits are verified exactly:
+   every clip window against every window of the track. Each (clip window,
+   indexed window) pair implies an offset; every implied offset is a
+   hypothesis, scored by the mean evidence of its *aligned pairs* -- each
+   indexed window the clip contains, with its nearest clip window (within half
+   a hop). Near-duplicates count; partial overlaps and runs of overlapping
+   clip windows that fall on one random window do not add up. All offsets are
+   tried, not only those of the k-NN hits: in a track whose places resemble
+   each other (music repeats itself), the aligned window need not be among a
+   clip window's ``k`` nearest;
+4. the best hypothesis's best pair fixes the offset, refined to a fraction of
+   a hop by a parabola through the neighbouring clip windows.
 
 No match (empty list) when the best score is below ``min_score`` = 0.6.
 Measured on seeded synthetic catalogues, 10 s clips, 100 excerpts per noise
@@ -85,7 +87,6 @@ class SearchOptions:
     k: int = 32  # neighbours per clip window
     background_rank: int = 3  # the background is this most similar distinct track
     candidates: int = 10  # tracks whose hypotheses are verified
-    offsets_per_track: int = 3  # distinct offsets verified per track
     # None: rank only -- no no-match floor, no threshold: best guesses for any clip
     min_score: float | None = DEFAULT_MIN_SCORE
 
@@ -148,32 +149,23 @@ class Searcher:
         scale = np.maximum(1.0 - bg, 1e-6)
         evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
 
-        j, col = np.nonzero(evidence > 0)
-        if len(j) == 0:
+        hit = (evidence > 0) & (runs >= 0)
+        if not hit.any():
             return []
-        e, run = evidence[j, col], runs[j, col]
-        offsets = self._index.start_seconds(ids[j, col])[1] - starts[j]
-        # Hypotheses: the strongest hits of the most promising tracks, one per offset.
-        by_track: dict[int, list[int]] = {}
-        for h in np.argsort(-e, kind="stable"):
-            by_track.setdefault(int(run[h]), []).append(int(h))
+        # Candidate tracks: those with the strongest single hits, best first.
+        strongest: dict[int, float] = {}
+        for r, e in zip(runs[hit].tolist(), evidence[hit].tolist(), strict=True):
+            strongest[r] = max(strongest.get(r, 0.0), e)
+        ranked = sorted(strongest, key=lambda r: -strongest[r])[: opts.candidates]
         results: list[Match] = []
-        for r in list(by_track)[: opts.candidates]:
-            tried: list[float] = []
-            best = (-1.0, 0.0)
-            for h in by_track[r]:
-                if len(tried) == opts.offsets_per_track:
-                    break
-                if any(abs(offsets[h] - o) <= self._window_seconds / 2 for o in tried):
-                    continue
-                tried.append(float(offsets[h]))
-                best = max(best, self._verify(q, starts, bg, scale, r, float(offsets[h])))
-            if opts.min_score is None or best[0] >= opts.min_score:
+        for r in ranked:
+            score, offset = self._verify(q, starts, bg, scale, r)
+            if opts.min_score is None or score >= opts.min_score:
                 results.append(
                     Match(
                         self._index.paths[r],
-                        max(0.0, best[1]),
-                        round(best[0], 4),
+                        max(0.0, offset),
+                        round(score, 4),
                         int(self._index.runs[r, 4]),
                     )
                 )
@@ -187,39 +179,46 @@ class Searcher:
         bg: np.ndarray,
         scale: np.ndarray,
         run: int,
-        offset: float,
     ) -> tuple[float, float]:
-        """(score, refined offset) of the hypothesis "the clip is track ``run`` from ``offset``".
+        """(score, offset) of the best hypothesis "the clip is track ``run`` from ``offset``".
 
-        Every clip window is compared exactly with the track's windows around
-        where the hypothesis puts it. The offset is re-read from the best-aligned
-        pair, to a fraction of a hop (parabola through the neighbouring clip
-        windows); the score is the mean evidence of the aligned pairs: each
-        indexed window within half a hop of a clip window, with that window.
+        Every clip window is compared exactly with every window of the track,
+        and every offset those pairs imply is scored: the mean evidence of its
+        aligned pairs -- each indexed window within half a clip hop of a clip
+        window at that offset, with that window. Offsets that would put a clip
+        window outside the track are not hypotheses. The best offset is then
+        re-read from its best pair, to a fraction of a hop (parabola through
+        the neighbouring clip windows).
         """
-        w = self._window_seconds
         ids, track_starts = self._index.track_windows(run)
-        near = (track_starts >= offset + starts.min() - w) & (
-            track_starts <= offset + starts.max() + w
-        )
-        ids, track_starts = ids[near], track_starts[near]
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
-        delta = track_starts[None, :] - (offset + starts[:, None])
-        aligned = np.where(np.abs(delta) <= w / 2, sims, -np.inf)
-        jp, ip = np.unravel_index(int(np.argmax(aligned)), aligned.shape)
-        offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], int(jp))
-        # Aligned pairs: each indexed window the clip contains, with its nearest clip window.
-        gap = np.abs(offset + starts[:, None] - track_starts[None, :])  # [clip, track] windows
-        pair_j = np.argmin(gap, axis=0)
-        inside = np.flatnonzero(
-            gap[pair_j, np.arange(len(track_starts))] <= self._hop(starts) / 2 + 1e-6
+        evidence = np.clip((sims - bg[:, None]) / scale[:, None], 0.0, 1.0)
+        hop = self._hop(starts)
+        implied = track_starts[None, :] - starts[:, None]  # the offset each pair implies
+        flat = implied.ravel()
+        order = np.argsort(flat, kind="stable")
+        sorted_offsets, sorted_evidence = flat[order], evidence.ravel()[order]
+        # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
+        # clip window per indexed window, as clip windows are one hop apart.
+        lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
+        hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
+        if hop == 0:  # one clip window: each pair stands alone
+            lo, hi = np.arange(len(flat)), np.arange(1, len(flat) + 1)
+        total = np.concatenate([[0.0], np.cumsum(sorted_evidence)])
+        scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
+        last = float(track_starts.max())
+        possible = (sorted_offsets + starts.min() >= -hop / 2 - 1e-6) & (
+            sorted_offsets + starts.max() <= last + hop / 2 + 1e-6
         )
-        if len(inside) == 0:  # a clip shorter than window + hop: the best pair stands alone
-            inside = np.array([ip])
-        pair_j = pair_j[inside]
-        got = sims[pair_j, inside]
-        evidence = np.clip((got - bg[pair_j]) / scale[pair_j], 0.0, 1.0)
-        return float(np.mean(evidence)), offset
+        if not possible.any():  # a clip longer than the track: any placement will do
+            possible[:] = True
+        best = int(np.argmax(np.where(possible, scores, -1.0)))
+        # The best pair among those aligned at the winning offset fixes it, sub-hop.
+        members = order[lo[best] : max(hi[best], lo[best] + 1)]
+        pick = int(members[np.argmax(sims.ravel()[members])])
+        jp, ip = divmod(pick, sims.shape[1])
+        offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
+        return float(scores[best]), offset
 
     @staticmethod
     def _hop(starts: np.ndarray) -> float:

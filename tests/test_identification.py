@@ -11,7 +11,7 @@ the right track ranked first for 10 s clips at arbitrary (non-aligned) offsets,
 clean and re-encoded, and clips of un-indexed music answered "no match" at the
 index's default threshold. Offsets are not asserted: this stand-in tells places
 within a track apart poorly (its top-1 window is the most-overlapping one for
-about 1 query in 4), so its offsets are right for only 20-50% of clips.
+about 1 query in 4), so its offsets are right for only 30-80% of clips (near-repeats in game music).
 """
 
 from __future__ import annotations

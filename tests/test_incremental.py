@@ -28,6 +28,7 @@ from mert_indexer.indexer.synthetic import (
     indexed_track,
     synthetic_identity,
 )
+from mert_indexer.indexer.verify import verify_store
 
 SR = 100
 DIM = 32
@@ -212,6 +213,9 @@ def test_search_excludes_tracks_whose_removal_did_not_commit(tmp_path: Path) -> 
     assert info["tombstones"] == [3]
     with Searcher(tmp_path, options=SearchOptions(min_score=None)) as s:
         assert not any(m.track.endswith("t2.mp3") for m in s.search(clip(2), CLIP, top=10))
+    report = verify_store(tmp_path)  # consistent by design: said, not flagged
+    assert report.ok, report.problems
+    assert any("keeps 1 catalogued tracks out of search" in n for n in report.notes)
 
 
 def test_client_rebuild_flag() -> None:

@@ -24,7 +24,7 @@ pytest.importorskip("safetensors")
 
 from export import augment, mert, standin, standin_data, standin_eval  # noqa: E402
 from export.graph import PooledMert  # noqa: E402
-from export.standin_train import TrainOptions, nt_xent, train  # noqa: E402
+from export.standin_train import TrainOptions, nt_xent, phase_consistency, train  # noqa: E402
 from mert_indexer.client import synth  # noqa: E402
 from mert_indexer.errors import ConfigError  # noqa: E402
 
@@ -89,7 +89,7 @@ def test_training_continues_from_a_checkpoint(music: Path, tmp_path: Path):
         out=tmp_path / "b",
         steps=1,
         init=tmp_path / "a",
-        batch=standin_data.BatchSpec(pairs=2, per_track=1),
+        batch=standin_data.BatchSpec(pairs=2, per_track=1, phase_twins=2),
         threads=1,
         validate=False,
         progress=False,
@@ -98,6 +98,8 @@ def test_training_continues_from_a_checkpoint(music: Path, tmp_path: Path):
     assert second["init"] == {"weights_sha256": first["weights_sha256"], "total_steps": 2}
     assert second["total_steps"] == 3
     assert second["weights_sha256"] != first["weights_sha256"]
+    assert "phase consistency" in second["objective"]["loss"]
+    assert second["objective"]["phase_weight"] == 10.0
 
 
 def test_options_refuse_a_run_without_an_end(music: Path, tmp_path: Path):
@@ -122,12 +124,31 @@ def test_split_holds_tracks_apart(tmp_path: Path):
 def test_batches_are_fixed_by_seed_and_step(music: Path):
     tracks = standin_data.load_tracks(tuple(sorted(music.iterdir())))
     spec = standin_data.BatchSpec(pairs=3, per_track=2)
-    a1, p1 = standin_data.batch(tracks, spec, seed=1, step=5)
-    a2, p2 = standin_data.batch(tracks, spec, seed=1, step=5)
-    a3, _ = standin_data.batch(tracks, spec, seed=1, step=6)
+    a1, p1, _ = standin_data.batch(tracks, spec, seed=1, step=5)
+    a2, p2, _ = standin_data.batch(tracks, spec, seed=1, step=5)
+    a3, _, _ = standin_data.batch(tracks, spec, seed=1, step=6)
     assert a1.shape == p1.shape == (3, WINDOW)
     assert np.array_equal(a1, a2) and np.array_equal(p1, p2)
     assert not np.array_equal(a1, a3)
+
+
+def test_phase_twins_are_the_anchor_a_sub_frame_later(music: Path):
+    tracks = standin_data.load_tracks(tuple(sorted(music.iterdir())))
+    plain = standin_data.batch(tracks, standin_data.BatchSpec(pairs=3, per_track=2), 1, 5)
+    spec = standin_data.BatchSpec(pairs=3, per_track=2, phase_twins=2)
+    anchors, positives, twins = standin_data.batch(tracks, spec, seed=1, step=5)
+    # Twins draw from a generator of their own: the rest of the batch is unchanged.
+    assert np.array_equal(anchors, plain.anchors) and np.array_equal(positives, plain.positives)
+    assert twins.shape == (2, WINDOW) and not len(plain.twins)
+    audio = np.concatenate([t.audio for t in tracks])
+
+    def where(window: np.ndarray) -> set[int]:
+        found = np.flatnonzero(audio[: len(audio) - WINDOW + 1] == window[0])
+        return {int(i) for i in found if np.array_equal(audio[i : i + WINDOW], window)}
+
+    for anchor, twin in zip(anchors, twins, strict=False):
+        shifts = {b - a for a in where(anchor) for b in where(twin)}
+        assert any(0 < d < standin.HOP_SAMPLES for d in shifts), shifts
 
 
 @pytest.mark.parametrize("container,codec", augment.CODECS)
@@ -146,6 +167,17 @@ def test_nt_xent_prefers_matching_pairs():
     matched = nt_xent(anchors, anchors + 0.01 * torch.randn(8, 16, generator=rng), 0.1)
     shuffled = nt_xent(anchors, anchors[torch.randperm(8, generator=rng)], 0.1)
     assert float(matched) < 0.1 < float(shuffled)
+
+
+def test_phase_consistency_is_zero_for_identical_twins_only():
+    rng = torch.Generator().manual_seed(0)
+    views = torch.randn(8, 16, generator=rng)
+    same = phase_consistency(views, views[:4], views[:4].clone())
+    other = phase_consistency(views, views[:4], views[4:])
+    assert abs(float(same)) < 1e-6 < float(other)
+    # Around the views' mean: a common offset changes nothing.
+    shifted = phase_consistency(views + 5.0, views[:4] + 5.0, views[4:] + 5.0)
+    assert float(shifted) == pytest.approx(float(other), abs=1e-5)
 
 
 def committed() -> mert.LoadedModel:
