@@ -77,10 +77,15 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         help="anchors per batch that also get a clean twin a sub-frame shift later",
     )
     parser.add_argument(
-        "--phase-weight", type=float, default=10.0, help="weight of the phase-consistency term"
+        "--phase-weight",
+        type=float,
+        default=TrainOptions.phase_weight,
+        help="weight of the phase-consistency term",
     )
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument(
+        "--lr", type=float, default=TrainOptions.learning_rate, help="peak learning rate"
+    )
+    parser.add_argument("--temperature", type=float, default=TrainOptions.temperature)
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads")
     parser.add_argument("--no-validate", action="store_true", help="skip the final validation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -149,7 +149,7 @@ class Searcher:
         scale = np.maximum(1.0 - bg, 1e-6)
         evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
 
-        hit = (evidence > 0) & (runs >= 0)
+        hit = evidence > 0  # zero wherever the neighbour is not a live window
         if not hit.any():
             return []
         # Candidate tracks: those with the strongest single hits, best first.
@@ -200,10 +200,11 @@ class Searcher:
         sorted_offsets, sorted_evidence = flat[order], evidence.ravel()[order]
         # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
         # clip window per indexed window, as clip windows are one hop apart.
-        lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
-        hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
         if hop == 0:  # one clip window: each pair stands alone
             lo, hi = np.arange(len(flat)), np.arange(1, len(flat) + 1)
+        else:
+            lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
+            hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
         total = np.concatenate([[0.0], np.cumsum(sorted_evidence)])
         scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
         last = float(track_starts.max())
