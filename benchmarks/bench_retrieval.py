@@ -6,12 +6,13 @@ and its reproductions): seeded excerpts of catalogue tracks at arbitrary
 sample offsets, degraded, plus clips of music that is not indexed; top-1 hit
 rate by query length. Everything is the real system: the served model (the
 bundled Triton), an index built by the real ``indexer-client`` in a temp dir,
-the query library (:func:`mert_indexer.client.query.embed_audio`, 0.5 s hop)
-and :class:`mert_indexer.indexer.search.Searcher`.
+the query library (:func:`mert_indexer.client.query.embed_audio`, its 0.5 s
+hop unless ``--query-hop``) and :class:`mert_indexer.indexer.search.Searcher`.
+``--index-hop`` indexes with overlapping windows (``indexer-client --hop-seconds``).
 
     python benchmarks/bench_retrieval.py --corpus DIR [--unindexed DIR | --split FILE]
         [--catalogue train|held_apart] [--model-repository R] [--queries N] [--seed S]
-        [--out benchmarks/results/NAME]
+        [--index-hop S] [--query-hop S] [--out benchmarks/results/NAME]
 
 Per (degradation, length): top-1 track; top-1 with offset within 0.5 s (an
 answer at a *literal repeat* of the excerpt elsewhere in its track counts:
@@ -55,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, cpu_vector_extensions, free_port, machine
 
 from mert_indexer.atomic import atomic_write_text
+from mert_indexer.client.query import DEFAULT_QUERY_HOP_SECONDS
 from mert_indexer.errors import ConfigError, IndexerError, QueryError
 
 LENGTHS = (1.0, 2.0, 3.0, 5.0, 10.0)
@@ -124,7 +126,7 @@ def codec_roundtrip(x: np.ndarray, sr: int, codec: str, container: str, bitrate:
             out.mux(packet)
     buf.seek(0)
     parts = []
-    with av.open(buf, "r") as inp:
+    with av.open(buf, "r", metadata_errors="ignore") as inp:  # tags need not be UTF-8
         for f in inp.decode(audio=0):
             a = f.to_ndarray().astype(np.float32)
             parts.append(a.mean(axis=0) if a.shape[0] > 1 else a.reshape(-1))
@@ -598,12 +600,16 @@ def serve(repo: Path) -> Any:
     )
 
 
-def build_index(url: str, files: list[Path], index: Path) -> dict[str, Any]:
+def build_index(
+    url: str, files: list[Path], index: Path, hop_seconds: float | None
+) -> dict[str, Any]:
     """The real ``indexer-client`` over the catalogue: the evaluated index is the users' one."""
     exe = Path(sys.executable).parent / "indexer-client"
     if not exe.exists():
         raise ConfigError(f"{exe} not found: install the project (pip install -e '.[cpu,server]')")
     cmd = [str(exe), "--server", url, "--index", str(index), "--no-progress"]
+    if hop_seconds is not None:
+        cmd += ["--hop-seconds", f"{hop_seconds:g}"]
     for f in files:
         cmd += ["--input", str(f)]
     t0 = time.perf_counter()
@@ -661,15 +667,16 @@ def run_queries(
     lengths: Sequence[float],
     n_queries: int,
     seed: int,
-    hop: int,
+    query_hop_seconds: float,
     progress: bool,
 ) -> tuple[dict[tuple[str, float], list[Query]], dict[float, str]]:
     from tqdm import tqdm
 
-    from mert_indexer.client.query import DEFAULT_QUERY_HOP_SECONDS, embed_audio
+    from mert_indexer.client.query import embed_audio
     from mert_indexer.indexer.search import SearchOptions
 
     sr = contract.sample_rate
+    hop = round(query_hop_seconds * sr)
     threshold = searcher.options.min_score
     floor_opts = SearchOptions(min_score=0.0)
     rank_opts = SearchOptions(min_score=None)
@@ -709,9 +716,7 @@ def run_queries(
                 for qi, ((kind, tr), start) in enumerate(zip(plan, starts, strict=True)):
                     rng = np.random.default_rng([seed, li, di, qi])
                     clip = degrade(tr.audio, start, n_out, deg, rng, sr)
-                    emb, cs = embed_audio(
-                        clip, contract, infer, hop_seconds=DEFAULT_QUERY_HOP_SECONDS
-                    )
+                    emb, cs = embed_audio(clip, contract, infer, hop_seconds=query_hop_seconds)
                     judge = Judge(
                         tr if kind == "excerpt" else None,
                         start / sr,
@@ -752,9 +757,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     shared = {hashes[p] for p in sets.catalogue} & {hashes[p] for p in sets.unindexed}
     if shared:
         raise ConfigError("the same audio file is both in the catalogue and un-indexed")
-    degs = [d for d in degradations() if not args.only or d.name in args.only]
-    if not degs:
-        raise ConfigError(f"--only {args.only}: no such degradation")
+    known = degradations()
+    unknown = sorted(set(args.only or ()) - {d.name for d in known})
+    if unknown:
+        raise ConfigError(
+            f"--only: no degradation named {', '.join(unknown)} "
+            f"(there are: {', '.join(d.name for d in known)})"
+        )
+    degs = [d for d in known if not args.only or d.name in args.only]
     t0 = time.perf_counter()
     with serve(args.model_repository) as server, tempfile.TemporaryDirectory() as tmp:
         pool = TritonPool(ConnectOptions(servers=(server.grpc_url,)))
@@ -763,11 +773,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if contract.model_id.startswith("random-init/"):
                 print(random_init_banner(contract.model_id), file=sys.stderr, flush=True)
             index = Path(tmp) / "index"
-            built = build_index(server.grpc_url, sets.catalogue, index)
+            built = build_index(server.grpc_url, sets.catalogue, index, args.index_hop)
             sr = contract.sample_rate
             catalogue = [Track(p, decode(p, sr)) for p in sets.catalogue]
             unindexed = [Track(p, decode(p, sr)) for p in sets.unindexed]
-            hop = round(0.5 * sr)
             t_q = time.perf_counter()
             with Searcher(index) as searcher:
                 cells, unsupported = run_queries(
@@ -780,7 +789,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     args.lengths,
                     args.queries,
                     args.seed,
-                    hop,
+                    args.query_hop,
                     not args.no_progress,
                 )
                 threshold = searcher.options.min_score
@@ -808,7 +817,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "windows": info.get("n_vectors"),
             "null_similarity": info.get("params", {}).get("null_similarity"),
             "default_min_score": threshold,
+            "hop_seconds": args.index_hop,  # None: indexer-client's default (the window)
         },
+        "query_hop_seconds": args.query_hop,
         "seed": args.seed,
         "queries_per_cell": args.queries,
         "degradations": [{"name": d.name, "label": d.label, "speed": d.speed} for d in degs],
@@ -853,17 +864,21 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     ext = ", ".join(mach["vector_extensions"]) or "none of avx2/avx512f/avx512_vnni/avx_vnni"
     idx = r["index"]
+    index_hop = idx.get("hop_seconds")
+    query_hop = r.get("query_hop_seconds", DEFAULT_QUERY_HOP_SECONDS)
     lines += [
         f"{r['date']}; {mach['cpu']} ({ext}), {mach['cores']} cores (shared, load "
         f"{mach['load_avg_at_start']:.1f}); model {m['model_id']}, weights "
         f"{m['weights_sha256'][:12]}, D = {m['embedding_dim']}; {r['sets']}.",
         "",
-        f"Index: {idx['windows']} windows ({idx['kind']}), null similarity "
+        f"Index: {idx['windows']} windows ({idx['kind']}, hop "
+        f"{'= window' if index_hop is None else f'{index_hop:g} s'}), null similarity "
         f"{_f(idx['null_similarity'], 3)}, default threshold {idx['default_min_score']}; "
         f"built by indexer-client in {idx['build']['seconds']} s. {r['queries_per_cell']} "
         f"excerpts (+ as many un-indexed clips where there are some) per cell, seed {r['seed']}, "
-        f"offsets at arbitrary samples (never within {MIN_GRID_DISTANCE} samples of the 0.5 s "
-        f"grid, never on the 320-sample frame grid); queries {r['query_seconds']} s, run "
+        f"offsets at arbitrary samples (never within {MIN_GRID_DISTANCE} samples of the "
+        f"{query_hop:g} s query hop's grid, never on the 320-sample frame grid); queries "
+        f"{r['query_seconds']} s, run "
         f"{r['wall_seconds']} s.",
         "",
         "Catalogue: " + ", ".join(f"{c['file']} ({c['sha256']})" for c in r["catalogue"]) + ".",
@@ -1001,6 +1016,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=float, nargs="+", default=list(LENGTHS))
     p.add_argument("--only", nargs="+", help="degradation names to run (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--index-hop",
+        type=float,
+        help="seconds between indexed windows (indexer-client --hop-seconds; default: its own)",
+    )
+    p.add_argument(
+        "--query-hop",
+        type=float,
+        default=DEFAULT_QUERY_HOP_SECONDS,
+        help="seconds between a clip's windows (default: the query library's)",
+    )
     p.add_argument(
         "--out",
         type=Path,

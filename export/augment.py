@@ -90,7 +90,8 @@ def codec_roundtrip(
             out.mux(packet)
     buffer.seek(0)
     blocks = []
-    with av.open(buffer, "r", format=container) as source:
+    # An encoder's tags need not be UTF-8; they are never read here.
+    with av.open(buffer, "r", format=container, metadata_errors="ignore") as source:
         for frame in source.decode(audio=0):
             blocks.append(frame.to_ndarray().astype(np.float32).reshape(-1))
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)

@@ -6,8 +6,11 @@ positive the same audio cut up to ``max_shift_s`` earlier or later, at any
 sample (not whole 320-sample frames: that is what random-init MERT fails on),
 then degraded (``augment.py``). Windows of one track appear in groups, at
 least a window apart, so that telling two places of one track apart is part of
-the task (the search needs the offset too). Every draw comes from
-``np.random.default_rng([seed, step])``: a batch depends on nothing else.
+the task (the search needs the offset too). With mined confusers
+(``standin_mining``) some windows of a group are the places of the track the
+model confuses with the group's other windows, literal repeats excepted. Every
+draw comes from ``np.random.default_rng([seed, step])`` (and its children): a
+batch depends on nothing else but the confusers it is given.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from export import augment
+from export import augment, standin_mining
 from export.standin import (
     HELD_OUT_TRACKS,
     HOP_SAMPLES,
@@ -112,6 +115,9 @@ class BatchSpec:
     # Anchors that also get a clean twin cut 1-319 samples later: the same audio
     # at another phase of the 320-sample frame, for a phase-consistency loss.
     phase_twins: int = 0
+    # Windows of each track group that are mined confusers of the group's others
+    # (at most half the group; needs the confusers, see standin_mining).
+    hard_negatives: int = 0
     degradations: augment.Degradations = field(default_factory=augment.Degradations)
 
 
@@ -127,14 +133,22 @@ class Batch(NamedTuple):
     twins: np.ndarray
 
 
-def batch(tracks: list[Track], spec: BatchSpec, seed: int, step: int) -> Batch:
-    """Anchors, positives and phase twins, float32, fixed by (seed, step).
+def batch(
+    tracks: list[Track],
+    spec: BatchSpec,
+    seed: int,
+    step: int,
+    confusers: standin_mining.Confusers | None = None,
+) -> Batch:
+    """Anchors, positives and phase twins, float32, fixed by (seed, step) and ``confusers``.
 
     The twins' phases come from a generator of their own, so a batch's
-    anchors and positives are the same with or without twins.
+    anchors and positives are the same with or without twins. Without
+    ``confusers`` no window is a mined hard negative, whatever the spec says.
     """
     rng = np.random.default_rng([seed, step])
     twin_rng = np.random.default_rng([seed, step, 1])
+    hard_rng = np.random.default_rng([seed, step, 2])
     lengths = np.array([len(t.audio) for t in tracks], dtype=np.float64)
     anchors = np.empty((spec.pairs, WINDOW_SAMPLES), np.float32)
     positives = np.empty_like(anchors)
@@ -144,7 +158,11 @@ def batch(tracks: list[Track], spec: BatchSpec, seed: int, step: int) -> Batch:
     while row < spec.pairs:
         track = tracks[int(rng.choice(len(tracks), p=lengths / lengths.sum()))]
         count = min(spec.per_track, spec.pairs - row)
-        for start in spread_starts(len(track.audio), count, max_shift, rng):
+        hard = min(spec.hard_negatives, count // 2) if confusers is not None else 0
+        starts = spread_starts(len(track.audio), count - hard, max_shift, rng)
+        if confusers is not None and hard:
+            starts += hard_starts(track, starts, hard, confusers, max_shift, hard_rng)
+        for start in starts:
             shift = int(rng.integers(-max_shift, max_shift + 1))
             anchors[row] = track.audio[start : start + WINDOW_SAMPLES]
             positives[row] = positive(track.audio, start + shift, rng, spec.degradations)
@@ -172,6 +190,40 @@ def spread_starts(n: int, count: int, margin: int, rng: np.random.Generator) -> 
         top = min(base + WINDOW_SAMPLES, margin + usable)
         starts.append(int(rng.integers(base, max(base, top) + 1)))
     return starts
+
+
+def hard_starts(
+    track: Track,
+    seeds: list[int],
+    count: int,
+    confusers: standin_mining.Confusers,
+    margin: int,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Up to ``count`` confusers of ``seeds`` (in turn), each a window from every chosen start.
+
+    A candidate that is a literal repeat of its seed is skipped: no model can
+    tell those apart, and the search counts either as right.
+    """
+    chosen = list(seeds)
+    found: list[int] = []
+    limit = len(track.audio) - WINDOW_SAMPLES - margin
+    lag = confusers.grid // 2 + margin  # how far apart a mined place and a repeat may be
+    for i in range(count):
+        if not seeds:
+            break
+        seed = seeds[i % len(seeds)]
+        for cand in rng.permutation(confusers.candidates(track.name, seed)).tolist():
+            if not margin <= cand <= limit:
+                continue
+            if any(abs(cand - c) < WINDOW_SAMPLES for c in chosen):
+                continue
+            if standin_mining.literal_repeat(track.audio, seed, cand, lag):
+                continue
+            chosen.append(cand)
+            found.append(cand)
+            break
+    return found
 
 
 def positive(

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from export import standin, standin_data, standin_eval
+from export import standin, standin_data, standin_eval, standin_mining
 from mert_indexer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class TrainOptions:
     warmup_steps: int = 20
     temperature: float = 0.05
     phase_weight: float = 10.0  # of the phase-consistency term, when the batch has twins
+    # With batch.hard_negatives: confusers re-mined with the current weights every so many steps.
+    mine_every: int = 200
+    mine_grid_s: float = 1.0
     threads: int = field(default_factory=default_threads)
     validate: bool = True
     eval_spec: standin_eval.EvalSpec = field(default_factory=standin_eval.EvalSpec)
@@ -85,6 +88,14 @@ class TrainOptions:
             raise ConfigError(f"--phase-twins must be in 0..{self.batch.pairs} (the pairs)")
         if self.phase_weight < 0:
             raise ConfigError("--phase-weight must not be negative")
+        if not 0 <= self.batch.hard_negatives <= self.batch.per_track // 2:
+            raise ConfigError(
+                f"--hard-negatives must be in 0..{self.batch.per_track // 2} (half of --per-track)"
+            )
+        if self.mine_every < 1:
+            raise ConfigError("--mine-every must be at least 1")
+        if self.mine_grid_s <= 0:
+            raise ConfigError("--mine-grid must be positive")
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,11 @@ def _train(options: TrainOptions) -> TrainResult:
             + (" + phase consistency (sub-frame twins)" if options.batch.phase_twins else ""),
             "temperature": options.temperature,
             "phase_weight": options.phase_weight if options.batch.phase_twins else None,
+            "mining": (
+                {"every_steps": options.mine_every, "grid_s": options.mine_grid_s}
+                if options.batch.hard_negatives
+                else None
+            ),
             "learning_rate": options.learning_rate,
             "warmup_steps": options.warmup_steps,
             "batch": asdict(options.batch),
@@ -253,6 +269,26 @@ def warm_start(hubert: Any, folder: Path) -> dict[str, Any]:
     return {"weights_sha256": loaded.weights_sha256, "total_steps": steps}
 
 
+def mine_confusers(
+    pooled: Any, tracks: list[standin_data.Track], grid_s: float
+) -> standin_mining.Confusers:
+    """Each track's most confusable places under the current weights (eval mode, no grad)."""
+    import torch
+
+    def embed(windows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return pooled(torch.from_numpy(np.ascontiguousarray(windows))).numpy()
+
+    started = time.monotonic()
+    pooled.eval()
+    try:
+        confusers = standin_mining.mine([(t.name, t.audio) for t in tracks], embed, grid_s=grid_s)
+    finally:
+        pooled.train()
+    log.info("mined confusers in %.1f s", time.monotonic() - started)
+    return confusers
+
+
 def run_steps(
     options: TrainOptions,
     pooled: Any,
@@ -269,13 +305,16 @@ def run_steps(
     bar = tqdm(total=options.steps, disable=not options.progress, unit="step", desc="stand-in")
     step = 0
     stopped_by = "steps"
+    confusers = None
     try:
         while options.steps is None or step < options.steps:
             if time.monotonic() >= deadline:
                 stopped_by = "minutes"
                 break
+            if options.batch.hard_negatives and step % options.mine_every == 0:
+                confusers = mine_confusers(pooled, tracks, options.mine_grid_s)
             anchors, positives, twins = standin_data.batch(
-                tracks, options.batch, options.seed, step
+                tracks, options.batch, options.seed, step, confusers
             )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(options, step, time.monotonic() - started)

@@ -39,9 +39,17 @@ length (at least one):
   --minutes M     a wall-time cap; alone, the step count depends on the machine
                   and its load (training.json records the steps done)
 
+hard negatives:
+  --hard-negatives K  of each track's --per-track windows in a batch, K are the
+                  places the current weights confuse with the others (re-mined
+                  every --mine-every steps on a --mine-grid grid; literal
+                  repeats are never drawn)
+
 examples:
   scripts/get_music.sh data/music
   python export/train_standin.py --music data/music --out export/standin --steps 600
+  python export/train_standin.py --music data/music --out DIR --init export/standin \\
+      --minutes 48 --per-track 8 --max-shift 0.3 --phase-twins 8 --hard-negatives 4
 """
 
 
@@ -83,6 +91,25 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         help="weight of the phase-consistency term",
     )
     parser.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=BatchSpec.hard_negatives,
+        help="windows of each track group that are mined confusers of the others "
+        "(at most half of --per-track; 0: none)",
+    )
+    parser.add_argument(
+        "--mine-every",
+        type=int,
+        default=TrainOptions.mine_every,
+        help="steps between re-mining the confusers with the current weights",
+    )
+    parser.add_argument(
+        "--mine-grid",
+        type=float,
+        default=TrainOptions.mine_grid_s,
+        help="seconds between the mined positions of a track",
+    )
+    parser.add_argument(
         "--lr", type=float, default=TrainOptions.learning_rate, help="peak learning rate"
     )
     parser.add_argument("--temperature", type=float, default=TrainOptions.temperature)
@@ -108,8 +135,11 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
             per_track=args.per_track,
             max_shift_s=args.max_shift,
             phase_twins=args.phase_twins,
+            hard_negatives=args.hard_negatives,
         ),
         phase_weight=args.phase_weight,
+        mine_every=args.mine_every,
+        mine_grid_s=args.mine_grid,
         learning_rate=args.lr,
         temperature=args.temperature,
         threads=args.threads,
