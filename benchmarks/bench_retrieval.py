@@ -16,7 +16,7 @@ hop unless ``--query-hop``) and :class:`mert_indexer.indexer.search.Searcher`.
 
 Per (degradation, length): top-1 track; top-1 with offset within 0.5 s (an
 answer at a *literal repeat* of the excerpt elsewhere in its track counts:
-game music loops, see :func:`literal_repeat`); offset error median/p95 over
+game music loops, see :func:`export.standin_mining.repeat_ncc`); offset error median/p95 over
 right-track answers; at the index's default threshold: top-1, excerpts wrongly
 rejected, and no-match recall/precision over the un-indexed clips; the same
 ranking metrics with ``min_score=None``; the misses classified (below the
@@ -51,10 +51,12 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import RESULTS, cpu_vector_extensions, free_port, machine
 
+from export.standin_mining import REPEAT_NCC, repeat_ncc
 from mert_indexer.atomic import atomic_write_text
 from mert_indexer.client.query import DEFAULT_QUERY_HOP_SECONDS
 from mert_indexer.errors import ConfigError, IndexerError, QueryError
@@ -66,12 +68,6 @@ OFFSET_TOLERANCE = 0.5  # seconds: "top-1 with offset"
 # (which holds the index's 5 s grid) nor on MERT's 320-sample frame grid.
 MIN_GRID_DISTANCE = 240  # samples (10 ms at 24 kHz)
 FRAME_SAMPLES = 320
-# A literal repeat: normalised cross-correlation of the decoded track at the
-# answered and at the true offset, over the clip's span, best over a lag of at
-# most the offset tolerance, at or above this. A loop decoded twice scores
-# ~1.0; a held chord over different material reached 0.82 in the tests (the
-# lag search lines up the tones' phases), so the bar is well above that.
-REPEAT_NCC = 0.95
 CODEC_MAX_DELAY = 4096  # samples searched to re-align a codec's output
 SPEED_MARGIN_SECONDS = 0.25  # extra source fed to time-changing degradations
 SPLIT_KEYS = ("held_apart", "held_out")
@@ -337,41 +333,6 @@ def draw_offset(rng: np.random.Generator, n_track: int, span: int, hop: int) -> 
         o = int(rng.integers(0, n_track - span + 1))
         if off_grid(o, hop):
             return o
-
-
-def literal_repeat(
-    audio: np.ndarray, true_start: int, answer_start: int, n: int, max_lag: int
-) -> tuple[float, int]:
-    """(NCC, lag): how well the track at ``answer_start + lag`` repeats it at ``true_start``.
-
-    The best normalised cross-correlation over ``n`` samples, ``|lag| <= max_lag``,
-    leaving out positions within ``max_lag`` of the true one (those are the
-    excerpt itself, not a repeat). A repeat means NCC >= :data:`REPEAT_NCC`.
-    """
-    ref = audio[true_start : true_start + n].astype(np.float64)
-    lo = max(0, answer_start - max_lag)
-    hi = min(len(audio), answer_start + max_lag + n)
-    seg = audio[lo:hi].astype(np.float64)
-    if len(ref) < n or len(seg) < n:
-        return 0.0, 0
-    ref = ref - ref.mean()
-    ref_norm = float(np.linalg.norm(ref))
-    size = 1 << math.ceil(math.log2(len(seg) + n))
-    corr = np.fft.irfft(np.fft.rfft(seg, size) * np.conj(np.fft.rfft(ref, size)), size)
-    positions = len(seg) - n + 1
-    corr = corr[:positions]
-    c1 = np.concatenate([[0.0], np.cumsum(seg)])
-    c2 = np.concatenate([[0.0], np.cumsum(seg**2)])
-    s1 = c1[n : n + positions] - c1[:positions]
-    s2 = c2[n : n + positions] - c2[:positions]
-    energy = np.maximum(s2 - s1**2 / n, 0.0)  # centred energy of each candidate window
-    ncc = corr / np.maximum(np.sqrt(energy) * ref_norm, 1e-12)
-    starts = lo + np.arange(positions)
-    ncc[np.abs(starts - true_start) <= max_lag] = -1.0
-    if ref_norm == 0 or not len(ncc):
-        return 0.0, 0
-    i = int(np.argmax(ncc))
-    return float(ncc[i]), int(starts[i] - answer_start)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -648,7 +609,7 @@ class Judge:
         if not a.offset_ok:
             t = round(self.true_offset * self.sr)
             u = round(m.offset_seconds * self.sr)
-            ncc, lag = literal_repeat(
+            ncc, lag = repeat_ncc(
                 self.track.audio, t, u, self.span, round(OFFSET_TOLERANCE * self.sr)
             )
             a.repeat_ncc = ncc

@@ -205,13 +205,13 @@ def hard_starts(
     A candidate that is a literal repeat of its seed is skipped: no model can
     tell those apart, and the search counts either as right.
     """
+    if not seeds:
+        return []
     chosen = list(seeds)
     found: list[int] = []
     limit = len(track.audio) - WINDOW_SAMPLES - margin
     lag = confusers.grid // 2 + margin  # how far apart a mined place and a repeat may be
     for i in range(count):
-        if not seeds:
-            break
         seed = seeds[i % len(seeds)]
         for cand in rng.permutation(confusers.candidates(track.name, seed)).tolist():
             if not margin <= cand <= limit:

@@ -142,13 +142,13 @@ def test_repeat_detector_accepts_a_literal_repeat_and_rejects_another_passage() 
     a, b, c = music_like(6, seed=1), music_like(6, seed=2), music_like(6, seed=101)
     track = np.concatenate([a, b, a, c])
     n, lag = 5 * SR, SR // 2
-    ncc, got = br.literal_repeat(track, SR // 3, 12 * SR + SR // 3 + 3000, n, lag)
+    ncc, got = br.repeat_ncc(track, SR // 3, 12 * SR + SR // 3 + 3000, n, lag)
     assert ncc > 0.999 and got == -3000
-    ncc, _ = br.literal_repeat(track, SR // 3, 6 * SR + SR // 3, n, lag)  # same chord, b
+    ncc, _ = br.repeat_ncc(track, SR // 3, 6 * SR + SR // 3, n, lag)  # same chord, b
     assert ncc < br.REPEAT_NCC
-    ncc, _ = br.literal_repeat(track, SR // 3, 18 * SR + SR // 3, n, lag)  # c
+    ncc, _ = br.repeat_ncc(track, SR // 3, 18 * SR + SR // 3, n, lag)  # c
     assert ncc < 0.3
-    ncc, _ = br.literal_repeat(track, SR // 3, SR // 3 + lag // 2, n, lag)  # itself, not a repeat
+    ncc, _ = br.repeat_ncc(track, SR // 3, SR // 3 + lag // 2, n, lag)  # itself, not a repeat
     assert ncc < br.REPEAT_NCC
 
 
