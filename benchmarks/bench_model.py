@@ -82,7 +82,7 @@ def build_models(
     recipes = {INT8: quantize.STATIC_CPU}
     if variants:
         recipes["int8 conv1..conv6 too (fails the gates)"] = dataclasses.replace(
-            quantize.STATIC_CPU, quantize_feature_convs=True
+            quantize.STATIC_CPU, feature_convs=(1, 2, 3, 4, 5, 6)
         )
         recipes["int8 before (8-bit weights)"] = dataclasses.replace(
             quantize.STATIC_CPU, reduce_range=False

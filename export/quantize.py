@@ -28,7 +28,8 @@ Three of them: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
   cosine down to 0.57 and 74% neighbour agreement with it quantised; 0.996
   and 98% without; issue 17, conv1..conv6 only, per tensor or per channel:
   cosine ~0.65, 34-44% agreement on real music, at 2.1-2.4x fp32 speed).
-  ``quantize_feature_convs`` exists to measure that, not to ship it.
+  ``feature_convs`` exists to measure that, layer by layer, not to ship it
+  (``benchmarks/int8_layers.py``).
 - INT8 dynamic quantises the MatMul weights only: ONNX Runtime's dynamic
   kernels exist on CPU only, and dynamic Conv is slower than fp32 there
   (measured), so convolutions stay fp32. It needs no calibration and is the
@@ -91,9 +92,11 @@ class Int8Recipe:
     # Validate (and serve on CPU) with QDQ fusion disabled: the model is meant for another
     # runtime (TensorRT), whose arithmetic is exact int8 x int8 -> int32.
     simulate_on_cpu: bool = False
-    # Quantise conv1..conv6 of the waveform feature extractor too (conv0, which feeds the
-    # GroupNorm over the whole window, always stays fp32).
-    quantize_feature_convs: bool = False
+    # Which of the waveform feature extractor's convs are quantised too (1..6; conv0, which
+    # feeds the GroupNorm over the whole window, always stays fp32).
+    feature_convs: tuple[int, ...] = ()
+    # Activation ranges: None = MinMax; else the central ``percentile`` % of each histogram.
+    percentile: float | None = None
 
 
 STATIC_CPU = Int8Recipe(
@@ -216,7 +219,19 @@ def to_int8_static(
         import onnx
 
         feature_convs = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
-        keep_fp32 = feature_convs[:1] if recipe.quantize_feature_convs else feature_convs
+        keep_fp32 = [
+            name
+            for index, name in enumerate(feature_convs)
+            if index == 0 or index not in recipe.feature_convs
+        ]
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": recipe.activations_signed,
+            "WeightSymmetric": True,
+        }
+        method = CalibrationMethod.MinMax
+        if recipe.percentile is not None:
+            method = CalibrationMethod.Percentile
+            extra["CalibPercentile"] = recipe.percentile
         try:
             quantize_static(
                 str(prepared),
@@ -228,12 +243,9 @@ def to_int8_static(
                 reduce_range=recipe.reduce_range,
                 activation_type=QuantType.QInt8 if recipe.activations_signed else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=method,
                 nodes_to_exclude=keep_fp32,
-                extra_options={
-                    "ActivationSymmetric": recipe.activations_signed,
-                    "WeightSymmetric": True,
-                },
+                extra_options=extra,
                 calibration_cache_path=calibration_cache,
             )
         except Exception as exc:

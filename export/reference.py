@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,9 @@ def gate_reference(
     torch_ref = cached.get("torch") if cached else None
     if torch_ref is None or len(torch_ref) != parity_windows:
         log.info("computing the PyTorch reference on %d validation windows", parity_windows)
+        started = time.monotonic()
         torch_ref = reference_embeddings(hubert, audio[:parity_windows], layers)
+        log.info("PyTorch reference: %.1f s", time.monotonic() - started)
     session = validate.session(fp32_path)
     onnx_first = validate.run(session, audio[:parity_windows])
     parity = validate.gate("fp32", onnx_first, torch_ref)  # raises when the fp32 ONNX is off
@@ -125,7 +128,9 @@ def gate_reference(
             parity.max_rel_l2,
             parity_windows,
         )
+        started = time.monotonic()
         rest = validate.run(session, audio[parity_windows:])
+        log.info("fp32 ONNX reference: %.1f s", time.monotonic() - started)
         full = np.concatenate([onnx_first, rest]).astype(np.float32)
     else:
         log.info("reusing the cached fp32 reference for %d windows", len(audio))

@@ -7,10 +7,11 @@ checked), so a failed export leaves the repository exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,24 @@ VALIDATION_SEED = 20_240_601
 FP32_PARITY_WINDOWS = 32
 
 
+class Stages:
+    """Wall seconds per stage of one export, in the order they ran: where the time went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What was written and what the gates measured."""
@@ -53,6 +72,7 @@ class ExportResult:
     report: validate.Report
     int8_method: str | None
     seconds: float
+    stages: dict[str, float]
 
 
 def window_samples(seconds: float, sample_rate: int) -> int:
@@ -97,10 +117,12 @@ def run_export(options: ExportOptions) -> ExportResult:
     Raises a typed error otherwise.
     """
     started = time.monotonic()
+    stages = Stages()
     model_dir = options.output / options.name
     # Fail fast on a config we could not update, before minutes of export work.
     repo.check_existing(model_dir / repo.CONFIG_NAME, options.name)
-    loaded = load(options)
+    with stages.time("load"):
+        loaded = load(options)
     layers = parse_layer_spec(options.layers, loaded.num_layers)
     samples = window_samples(options.window_seconds, loaded.sample_rate)
     params = contract_params(loaded, layers, samples, options.precision)
@@ -121,24 +143,26 @@ def run_export(options: ExportOptions) -> ExportResult:
 
     with tempfile.TemporaryDirectory(prefix="mert-export-") as work_dir:
         work = Path(work_dir)
-        fp32_path = build_fp32(
-            loaded, layers, options.input_dtype, samples, work / "fp32" / repo.MODEL_FILE
-        )
+        with stages.time("trace"):
+            fp32_path = build_fp32(
+                loaded, layers, options.input_dtype, samples, work / "fp32" / repo.MODEL_FILE
+            )
         from export.reference import gate_reference, reference_embeddings
 
-        if options.precision == "fp32":
-            log.info("computing the PyTorch reference on %d validation windows", count)
-            reference = reference_embeddings(loaded.model, audio, layers)
-        else:
-            # PyTorch proves the fp32 ONNX on the first windows, which then computes the rest.
-            reference = gate_reference(
-                loaded.model,
-                loaded.weights_sha256,
-                fp32_path,
-                audio,
-                layers,
-                min(count, FP32_PARITY_WINDOWS),
-            ).embeddings
+        with stages.time("reference"):
+            if options.precision == "fp32":
+                log.info("computing the PyTorch reference on %d validation windows", count)
+                reference = reference_embeddings(loaded.model, audio, layers)
+            else:
+                # PyTorch proves the fp32 ONNX on the first windows, which then computes the rest.
+                reference = gate_reference(
+                    loaded.model,
+                    loaded.weights_sha256,
+                    fp32_path,
+                    audio,
+                    layers,
+                    min(count, FP32_PARITY_WINDOWS),
+                ).embeddings
         if options.precision == "fp32":
             candidates = [("fp32", lambda: fp32_path)]
         elif options.precision == "fp16":
@@ -146,7 +170,7 @@ def run_export(options: ExportOptions) -> ExportResult:
         else:
             candidates = int8_candidates(options, loaded, samples, fp32_path, work)
         method, files, report = first_passing(
-            candidates, options, loaded, samples, params, audio, reference
+            candidates, options, loaded, samples, params, audio, reference, stages
         )
 
         from export.quantize import RECIPES
@@ -165,13 +189,21 @@ def run_export(options: ExportOptions) -> ExportResult:
             tensorrt_int8=bool(recipe and recipe.gpu_tensorrt),
             notes=tuple(notes),
         )
-        config_text = repo.compose_config(model_dir / repo.CONFIG_NAME, options.name, spec)
-        model_path = repo.install(files, model_dir, config_text)
+        with stages.time("install"):
+            config_text = repo.compose_config(model_dir / repo.CONFIG_NAME, options.name, spec)
+            model_path = repo.install(files, model_dir, config_text)
     seconds = time.monotonic() - started
     log.info("wrote %s and %s in %.1f s", model_path, model_dir / repo.CONFIG_NAME, seconds)
+    log.info("where the time went: %s", stages.summary())
     int8_method = recipe.method if recipe else None
     return ExportResult(
-        model_path, model_dir / repo.CONFIG_NAME, params, report, int8_method, seconds
+        model_path,
+        model_dir / repo.CONFIG_NAME,
+        params,
+        report,
+        int8_method,
+        seconds,
+        dict(stages.seconds),
     )
 
 
@@ -200,6 +232,7 @@ def first_passing(
     params: dict[str, str],
     audio: np.ndarray,
     reference: np.ndarray,
+    stages: Stages,
 ) -> tuple[str, list[Path], validate.Report]:
     """Build and gate each candidate in turn; the first that passes wins, else ValidationError."""
     failures = []
@@ -209,11 +242,13 @@ def first_passing(
             metadata["export.int8_method"] = method
         if loaded.random_init:
             metadata["export.random_init"] = "true: embeddings are meaningless"
-        files = finalise(produce(), metadata)
+        with stages.time(f"{method}: build"):
+            files = finalise(produce(), metadata)
         try:
-            report = check(
-                files[0], options, samples, loaded.hidden_size, audio, reference, metadata
-            )
+            with stages.time(f"{method}: gates"):
+                report = check(
+                    files[0], options, samples, loaded.hidden_size, audio, reference, metadata
+                )
         except ValidationError as exc:
             failures.append(f"{method}: {exc}")
             if method != candidates[-1][0]:

@@ -20,12 +20,13 @@ schedule runs over the wall time, so the step count (recorded in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ class TrainOptions:
     # With batch.hard_negatives: confusers re-mined with the current weights every so many steps.
     mine_every: int = 200
     mine_grid_s: float = 1.0
+    # The weights so far are written to ``out`` every so many steps (0: only at the end), so a
+    # run that dies (killed, out of memory, a bad file) can go on with ``--init out``.
+    checkpoint_every: int = 200
     threads: int = field(default_factory=default_threads)
     validate: bool = True
     eval_spec: standin_eval.EvalSpec = field(default_factory=standin_eval.EvalSpec)
@@ -96,6 +100,8 @@ class TrainOptions:
             raise ConfigError("--mine-every must be at least 1")
         if self.mine_grid_s <= 0:
             raise ConfigError("--mine-grid must be positive")
+        if self.checkpoint_every < 0:
+            raise ConfigError("--checkpoint-every must not be negative")
 
 
 @dataclass(frozen=True)
@@ -193,8 +199,20 @@ def _train(options: TrainOptions) -> TrainResult:
     params = sum(p.numel() for p in hubert.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(pooled.parameters(), lr=options.learning_rate, weight_decay=1e-4)
 
+    record = functools.partial(
+        training_record, options, init=init, params=params, split=split, tracks=train_tracks
+    )
+
+    def snapshot(steps_done: int, losses: list[float], seconds: float) -> None:
+        standin.write_checkpoint(
+            options.out, hubert, record(steps_done, losses, seconds, "checkpoint", None)
+        )
+        log.info("checkpoint after %d steps written to %s", steps_done, options.out)
+
     started = time.monotonic()
-    losses, steps_done, stopped_by = run_steps(options, pooled, optimizer, train_tracks, started)
+    losses, steps_done, stopped_by = run_steps(
+        options, pooled, optimizer, train_tracks, started, snapshot
+    )
     train_seconds = time.monotonic() - started
 
     validation = None
@@ -205,8 +223,29 @@ def _train(options: TrainOptions) -> TrainResult:
         validation = standin_eval.evaluate(
             pooled, train_tracks + held_tracks, roles, options.eval_spec
         )
+    training = record(steps_done, losses, train_seconds, stopped_by, validation)
+    written = standin.write_checkpoint(options.out, hubert, training)
+    return TrainResult(options.out, written)
+
+
+def training_record(
+    options: TrainOptions,
+    steps_done: int,
+    losses: list[float],
+    seconds: float,
+    stopped_by: str,
+    validation: dict[str, Any] | None,
+    *,
+    init: dict[str, Any] | None,
+    params: int,
+    split: Any,
+    tracks: list[standin_data.Track],
+) -> dict[str, Any]:
+    """What ``training.json`` says of a run (``stopped_by`` "checkpoint": one still going)."""
+    import torch
+
     tail = losses[-10:]
-    training = {
+    return {
         "note": standin.README_NOTE,
         "seed": options.seed,
         "init": init,
@@ -215,7 +254,7 @@ def _train(options: TrainOptions) -> TrainResult:
         "steps_done": steps_done,
         "total_steps": steps_done + int((init or {}).get("total_steps") or 0),
         "stopped_by": stopped_by,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(seconds, 1),
         "threads": options.threads,
         "torch": torch.__version__,
         "parameters": params,
@@ -237,7 +276,7 @@ def _train(options: TrainOptions) -> TrainResult:
         "data": {
             "train": [
                 {"file": p.name, "sha256": t.sha256}
-                for p, t in zip(split.train, train_tracks, strict=True)
+                for p, t in zip(split.train, tracks, strict=True)
             ],
             "held_out": [
                 {"file": p.name, "sha256": standin_data.file_sha256(p)} for p in split.held_out
@@ -249,8 +288,6 @@ def _train(options: TrainOptions) -> TrainResult:
         ],
         "validation": validation,
     }
-    written = standin.write_checkpoint(options.out, hubert, training)
-    return TrainResult(options.out, written)
 
 
 def warm_start(hubert: Any, folder: Path) -> dict[str, Any]:
@@ -295,8 +332,12 @@ def run_steps(
     optimizer: Any,
     tracks: list[standin_data.Track],
     started: float,
+    snapshot: Callable[[int, list[float], float], None] | None = None,
 ) -> tuple[list[float], int, str]:
-    """The optimisation loop: (losses, steps done, what stopped it: "steps" or "minutes")."""
+    """The optimisation loop: (losses, steps done, what stopped it: "steps" or "minutes").
+
+    ``snapshot(steps, losses, seconds)`` is called every ``options.checkpoint_every`` steps.
+    """
     import torch
     from tqdm import tqdm
 
@@ -333,6 +374,9 @@ def run_steps(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+            due = options.checkpoint_every and step % options.checkpoint_every == 0
+            if snapshot and due and step != options.steps:  # the final checkpoint follows anyway
+                snapshot(step, losses, time.monotonic() - started)
     finally:
         bar.close()
     return losses, step, stopped_by

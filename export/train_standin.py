@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         help="seconds between the mined positions of a track",
     )
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=TrainOptions.checkpoint_every,
+        help="steps between checkpoints written to --out (0: only at the end); a run that "
+        "dies can go on with --init OUT",
+    )
+    parser.add_argument(
         "--lr", type=float, default=TrainOptions.learning_rate, help="peak learning rate"
     )
     parser.add_argument("--temperature", type=float, default=TrainOptions.temperature)
@@ -140,6 +147,7 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         phase_weight=args.phase_weight,
         mine_every=args.mine_every,
         mine_grid_s=args.mine_grid,
+        checkpoint_every=args.checkpoint_every,
         learning_rate=args.lr,
         temperature=args.temperature,
         threads=args.threads,

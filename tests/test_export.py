@@ -115,6 +115,17 @@ def test_fp32_export_round_trips_the_contract(fp32_repo) -> None:
     for key in CONTRACT_PARAMS:
         assert metadata[key] == config.parameters[key].string_value
     assert result.report.max_rel_l2 <= validate.FP32_MAX_REL_L2
+    # Where the time went, stage by stage, in the order they ran.
+    assert list(result.stages) == [
+        "load",
+        "trace",
+        "reference",
+        "fp32: build",
+        "fp32: gates",
+        "install",
+    ]
+    assert all(s >= 0 for s in result.stages.values())
+    assert sum(result.stages.values()) <= result.seconds
 
 
 def test_graph_has_dynamic_batch_and_matches_pytorch_at_other_batch_sizes(fp32_repo) -> None:

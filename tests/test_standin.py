@@ -102,11 +102,59 @@ def test_training_continues_from_a_checkpoint(music: Path, tmp_path: Path):
     assert second["objective"]["phase_weight"] == 10.0
 
 
+def test_a_run_that_dies_leaves_its_last_checkpoint(
+    music: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real_batch = standin_data.batch
+
+    def batch_then_fail(*args, **kwargs):
+        step = args[3]
+        if step == 2:
+            raise OSError("disk gone")
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(standin_data, "batch", batch_then_fail)
+    options = TrainOptions(
+        music=music,
+        out=tmp_path / "run",
+        steps=4,
+        seed=3,
+        checkpoint_every=1,
+        batch=standin_data.BatchSpec(pairs=2, per_track=1),
+        threads=1,
+        validate=False,
+        progress=False,
+    )
+    with pytest.raises(OSError, match="disk gone"):
+        train(options)
+    record = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert record["steps_done"] == 2 and record["stopped_by"] == "checkpoint"
+    assert len(record["loss_every_10_steps"]) == 1 and record["validation"] is None
+    assert mert.load_local(tmp_path / "run").weights_sha256 == record["weights_sha256"]
+    monkeypatch.setattr(standin_data, "batch", real_batch)
+    resumed = train(
+        TrainOptions(
+            music=music,
+            out=tmp_path / "run",
+            steps=1,
+            init=tmp_path / "run",
+            batch=standin_data.BatchSpec(pairs=2, per_track=1),
+            threads=1,
+            validate=False,
+            progress=False,
+        )
+    ).training
+    assert resumed["init"] == {"weights_sha256": record["weights_sha256"], "total_steps": 2}
+    assert resumed["total_steps"] == 3 and resumed["stopped_by"] == "steps"
+
+
 def test_options_refuse_a_run_without_an_end(music: Path, tmp_path: Path):
     with pytest.raises(ConfigError):
         TrainOptions(music=music, out=tmp_path)
     with pytest.raises(ConfigError):
         TrainOptions(music=music, out=tmp_path, steps=0)
+    with pytest.raises(ConfigError, match="--checkpoint-every"):
+        TrainOptions(music=music, out=tmp_path, steps=1, checkpoint_every=-1)
 
 
 def test_split_holds_tracks_apart(tmp_path: Path):
