@@ -191,9 +191,11 @@ def markdown(result: dict) -> str:
             f"feature-extractor convs {c['conv_share']:.0%}, matmuls {c['matmul_share']:.0%}, "
             f"the rest {c['other_share']:.0%}. GEMM rates through ONNX Runtime: fp32 "
             f"{g['fp32_gflops']:.0f} GFLOP/s, u8 x s8 {g['int8_gops']:.0f} GOP/s, ratio "
-            f"{c['gemm_ratio']:.2f}. So INT8/fp32 is at most **{c['convs_fp32']:.2f}** with the "
-            f"convs fp32 (Amdahl: only the matmuls speed up, by at most the GEMM ratio) and "
-            f"at most {c['convs_int8']:.2f} with them quantised too."
+            f"{c['gemm_ratio']:.2f}. Amdahl estimate (only the matmuls speed up, by the GEMM "
+            f"ratio): INT8/fp32 about **{c['convs_fp32']:.2f}** with the convs fp32, about "
+            f"{c['convs_int8']:.2f} with them quantised too (shares of one profiled run at "
+            "this batch; a timed ratio can beat it where fp32's own matmuls run below the "
+            "GEMM rate, as at batch 1)."
         ),
         "",
         "Feature-extractor share of fp32 FLOPs (per 5 s window): "
