@@ -99,11 +99,20 @@ def build_models(
     return models
 
 
-def session(path: Path, profile: Path | None = None, **kwargs: Any) -> Any:
+def session(
+    path: Path, profile: Path | None = None, optimisation: str = "all", **kwargs: Any
+) -> Any:
+    """A CPU session; ``optimisation``: ONNX Runtime's graph optimisation level (basic,
+    extended, all); ``kwargs``: session config entries."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimisation]
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile)

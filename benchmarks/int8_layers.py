@@ -52,6 +52,7 @@ from bench_model import (
     music_windows,
     profile,
     session,
+    time_interleaved,
     write_readable,
 )
 
@@ -103,60 +104,18 @@ def variants(recipe: Any, music: bool) -> list[Variant]:
     return out
 
 
-def opt_session(path: Path, level: str) -> Any:
-    import onnxruntime as ort
-
-    if level == "all":
-        return session(path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    }[level]
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def build_fp32(work: Path, size: str) -> Path:
-    import torch
-
-    from export import mert
-    from export.convert import export_module, save
-    from export.graph import PooledMert
-
-    loaded = mert.random_model(size, seed=0)
-    module = PooledMert(loaded.model, tuple(range(loaded.num_layers + 1)), "int16").eval()
-    return save(
-        export_module(module, torch.zeros(2, WINDOW, dtype=torch.int16)), work / "fp32.onnx"
-    )[0]
-
-
-def time_pairs(
-    sessions: dict[str, Any], audio: np.ndarray, batches: list[int], rounds: int
-) -> dict[str, dict[int, float]]:
-    """Best wall seconds per model and batch, every model once per round (interleaved)."""
-    for sess in sessions.values():
-        for batch in batches:
-            sess.run(None, {"AUDIO": audio[:batch]})
-    best: dict[str, dict[int, float]] = {name: {} for name in sessions}
-    for index in range(rounds):
-        for name, sess in sessions.items():
-            for batch in batches:
-                start = time.perf_counter()
-                sess.run(None, {"AUDIO": audio[:batch]})
-                took = time.perf_counter() - start
-                best[name][batch] = min(best[name].get(batch, float("inf")), took)
-        log.info("timing round %d of %d done", index + 1, rounds)
-    return best
-
-
-def passes(gate: dict) -> bool:
+def judged(candidate: np.ndarray, reference: np.ndarray) -> dict:
+    """``bench_model.gates`` figures, and whether the export's own gate would pass them."""
     from export import validate
+    from mert_indexer.errors import ValidationError
 
-    allowed = int(validate.COSINE_EXCEPTIONS * gate["windows"])  # as the export's gate
-    return gate["below_0.99"] <= allowed and gate["nn_agreement"] >= (
-        validate.MIN_RETRIEVAL_AGREEMENT
-    )
+    out = gates(candidate, reference)
+    try:
+        validate.gate("int8", candidate, reference)
+        out["passes"] = True
+    except ValidationError:
+        out["passes"] = False
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -214,7 +173,7 @@ def markdown(result: dict) -> str:
         for name in sets:
             g = gate[name]
             cells.append(f"{g['cosine_min']:.3f}, {g['below_0.99']}, {g['nn_agreement']:.1%}")
-        ok = all(passes(gate[name]) for name in sets)
+        ok = all(gate[name]["passes"] for name in sets)
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {'pass' if ok else 'fails'} |")
     rows += [
         "",
@@ -304,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(quiet=False)
     import onnxruntime
 
-    from export import quantize, runner, synth, validate
+    from export import mert, quantize, runner, synth, validate
 
     batches = [int(b) for b in args.batches.split(",")]
     load_before = os.getloadavg()[0]
@@ -335,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     audio = synth.to_int16(synth.windows(max(batches), WINDOW, 24_000, seed=1), seed=1)
     with tempfile.TemporaryDirectory(prefix="int8-layers-") as work_dir:
         work = Path(work_dir)
-        fp32 = build_fp32(work, args.size)
+        loaded = mert.random_model(args.size, seed=0)
+        layers = tuple(range(loaded.num_layers + 1))
+        fp32 = runner.build_fp32(loaded, layers, "int16", WINDOW, work / "fp32.onnx")
         shares = conv_flop_share(fp32)
         profile_batch = 4 if 4 in batches else batches[0]
         fp32_profile = profile(fp32, audio[:profile_batch], work, "fp32", conv_labels(fp32))
@@ -362,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_cache=cache,
             )
             paths[variant.label] = (path, variant.optimisation)
-            sess = opt_session(path, variant.optimisation)
+            sess = session(path, optimisation=variant.optimisation)
             gate_results[variant.label] = {
-                name: gates(validate.run(sess, windows), references[name])
+                name: judged(validate.run(sess, windows), references[name])
                 for name, windows in gate_sets.items()
             }
             log.info(
@@ -376,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         sessions = {FP32: fp32_session}
         for variant in chosen:
             path, level = paths[variant.label]
-            sessions[variant.label] = opt_session(path, level)
-        best = time_pairs(sessions, audio, batches, args.rounds)
+            sessions[variant.label] = session(path, optimisation=level)
+        runners = {
+            name: (lambda x, s=sess: s.run(None, {"AUDIO": x})) for name, sess in sessions.items()
+        }
+        cells = time_interleaved(runners, audio, batches, args.rounds)
     result = {
         "size": args.size,
         "command": "python benchmarks/int8_layers.py " + " ".join(argv or sys.argv[1:]),
@@ -391,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_profile_ms": fp32_profile,
         "ceilings": ceilings(fp32_profile, gemm["int8_gops"] / gemm["fp32_gflops"]),
         "seconds": {
-            name: {str(b): round(s, 4) for b, s in per.items()} for name, per in best.items()
+            name: {str(c["batch"]): c["best_s"] for c in per} for name, per in cells.items()
         },
         "gates": gate_results,
         "machine": {
