@@ -199,9 +199,16 @@ def _train(options: TrainOptions) -> TrainResult:
     params = sum(p.numel() for p in hubert.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(pooled.parameters(), lr=options.learning_rate, weight_decay=1e-4)
 
-    record = functools.partial(
-        training_record, options, init=init, params=params, split=split, tracks=train_tracks
-    )
+    data = {  # hashed once, not at every checkpoint
+        "train": [
+            {"file": p.name, "sha256": t.sha256}
+            for p, t in zip(split.train, train_tracks, strict=True)
+        ],
+        "held_out": [
+            {"file": p.name, "sha256": standin_data.file_sha256(p)} for p in split.held_out
+        ],
+    }
+    record = functools.partial(training_record, options, init=init, params=params, data=data)
 
     def snapshot(steps_done: int, losses: list[float], seconds: float) -> None:
         standin.write_checkpoint(
@@ -238,8 +245,7 @@ def training_record(
     *,
     init: dict[str, Any] | None,
     params: int,
-    split: Any,
-    tracks: list[standin_data.Track],
+    data: dict[str, list[dict[str, str]]],
 ) -> dict[str, Any]:
     """What ``training.json`` says of a run (``stopped_by`` "checkpoint": one still going)."""
     import torch
@@ -273,15 +279,7 @@ def training_record(
             "warmup_steps": options.warmup_steps,
             "batch": asdict(options.batch),
         },
-        "data": {
-            "train": [
-                {"file": p.name, "sha256": t.sha256}
-                for p, t in zip(split.train, tracks, strict=True)
-            ],
-            "held_out": [
-                {"file": p.name, "sha256": standin_data.file_sha256(p)} for p in split.held_out
-            ],
-        },
+        "data": data,
         "final_loss": round(float(np.mean(tail)), 4) if tail else None,
         "loss_every_10_steps": [
             round(float(np.mean(losses[i : i + 10])), 4) for i in range(0, len(losses), 10)
