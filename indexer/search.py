@@ -28,8 +28,13 @@ clip windows only partly overlap indexed windows. The search is built on that:
    tried, not only those of the k-NN hits: in a track whose places resemble
    each other (music repeats itself), the aligned window need not be among a
    clip window's ``k`` nearest;
-4. the best hypothesis's best pair fixes the offset, refined to a fraction of
-   a hop by a parabola through the neighbouring clip windows.
+4. the hypothesis is chosen on evidence above the local background (a) alone
+   and scored with the floor (b): in music that nearly repeats itself the floor
+   can lift the true place and a near-repeat of it to the same score, while
+   the local background still tells them apart (on held-apart real music with
+   the stand-in model, 10 s clips: offsets within 0.5 s 0.90 -> 1.00 exact,
+   0.90 -> 0.95 mp3 64 kbps); its best pair fixes the offset, refined to a
+   fraction of a hop by a parabola through the neighbouring clip windows.
 
 No match (empty list) when the best score is below ``min_score`` = 0.6.
 Measured on seeded synthetic catalogues, 10 s clips, 100 excerpts per noise
@@ -145,7 +150,8 @@ class Searcher:
         runs = np.full(ids.shape, -1, np.int64)
         runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
         floor = self.info["params"].get("null_similarity")
-        bg = background(sims, runs, opts.background_rank, None if opts.min_score is None else floor)
+        local = background(sims, runs, opts.background_rank, None)
+        bg = local if opts.min_score is None or floor is None else np.maximum(local, floor)
         scale = np.maximum(1.0 - bg, 1e-6)
         evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
 
@@ -159,7 +165,7 @@ class Searcher:
         ranked = sorted(strongest, key=lambda r: -strongest[r])[: opts.candidates]
         results: list[Match] = []
         for r in ranked:
-            score, offset = self._verify(q, starts, bg, scale, r)
+            score, offset = self._verify(q, starts, local, bg, r)
             if opts.min_score is None or score >= opts.min_score:
                 results.append(
                     Match(
@@ -176,8 +182,8 @@ class Searcher:
         self,
         q: np.ndarray,
         starts: np.ndarray,
+        local: np.ndarray,
         bg: np.ndarray,
-        scale: np.ndarray,
         run: int,
     ) -> tuple[float, float]:
         """(score, offset) of the best hypothesis "the clip is track ``run`` from ``offset``".
@@ -186,18 +192,20 @@ class Searcher:
         and every offset those pairs imply is scored: the mean evidence of its
         aligned pairs -- each indexed window within half a clip hop of a clip
         window at that offset, with that window. Offsets that would put a clip
-        window outside the track are not hypotheses. The best offset is then
-        re-read from its best pair, to a fraction of a hop (parabola through
-        the neighbouring clip windows).
+        window outside the track are not hypotheses. The offset is chosen on
+        the evidence above ``local`` (the clip windows' local background) and
+        scored with the evidence above ``bg`` (that background, floored; the
+        same array when ranking without the floor), then re-read from its best
+        pair, to a fraction of a hop (parabola through the neighbouring clip
+        windows).
         """
         ids, track_starts = self._index.track_windows(run)
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
-        evidence = np.clip((sims - bg[:, None]) / scale[:, None], 0.0, 1.0)
         hop = self._hop(starts)
         implied = track_starts[None, :] - starts[:, None]  # the offset each pair implies
         flat = implied.ravel()
         order = np.argsort(flat, kind="stable")
-        sorted_offsets, sorted_evidence = flat[order], evidence.ravel()[order]
+        sorted_offsets = flat[order]
         # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
         # clip window per indexed window, as clip windows are one hop apart.
         if hop == 0:  # one clip window: each pair stands alone
@@ -205,15 +213,25 @@ class Searcher:
         else:
             lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
             hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
-        total = np.concatenate([[0.0], np.cumsum(sorted_evidence)])
-        scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
+
+        def hypothesis_scores(b: np.ndarray) -> np.ndarray:
+            e = np.clip((sims - b[:, None]) / np.maximum(1.0 - b, 1e-6)[:, None], 0.0, 1.0)
+            total = np.concatenate([[0.0], np.cumsum(e.ravel()[order])])
+            out: np.ndarray = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
+            return out
+
+        scores = hypothesis_scores(bg)
+        # Where: the relative evidence alone (above the local background) picks the
+        # offset; the floor can flatten the difference between the true place and
+        # a near-repeat of it. How sure: that offset's score with the floor.
+        chooser = scores if bg is local else hypothesis_scores(local)
         last = float(track_starts.max())
         possible = (sorted_offsets + starts.min() >= -hop / 2 - 1e-6) & (
             sorted_offsets + starts.max() <= last + hop / 2 + 1e-6
         )
         if not possible.any():  # a clip longer than the track: any placement will do
             possible[:] = True
-        best = int(np.argmax(np.where(possible, scores, -1.0)))
+        best = int(np.argmax(np.where(possible, chooser, -1.0)))
         # The best pair among those aligned at the winning offset fixes it, sub-hop.
         members = order[lo[best] : max(hi[best], lo[best] + 1)]
         pick = int(members[np.argmax(sims.ravel()[members])])
