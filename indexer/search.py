@@ -188,56 +188,16 @@ class Searcher:
     ) -> tuple[float, float]:
         """(score, offset) of the best hypothesis "the clip is track ``run`` from ``offset``".
 
-        Every clip window is compared exactly with every window of the track,
-        and every offset those pairs imply is scored: the mean evidence of its
-        aligned pairs -- each indexed window within half a clip hop of a clip
-        window at that offset, with that window. Offsets that would put a clip
-        window outside the track are not hypotheses. The offset is chosen on
-        the evidence above ``local`` (the clip windows' local background) and
-        scored with the evidence above ``bg`` (that background, floored; the
-        same array when ranking without the floor), then re-read from its best
-        pair, to a fraction of a hop (parabola through the neighbouring clip
-        windows).
+        Every clip window is compared exactly with every window of the track and
+        every offset those pairs imply is scored (:func:`best_hypothesis`); the
+        winner is re-read from its best pair, to a fraction of a hop (parabola
+        through the neighbouring clip windows).
         """
         ids, track_starts = self._index.track_windows(run)
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
-        hop = self._hop(starts)
-        implied = track_starts[None, :] - starts[:, None]  # the offset each pair implies
-        flat = implied.ravel()
-        order = np.argsort(flat, kind="stable")
-        sorted_offsets = flat[order]
-        # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
-        # clip window per indexed window, as clip windows are one hop apart.
-        if hop == 0:  # one clip window: each pair stands alone
-            lo, hi = np.arange(len(flat)), np.arange(1, len(flat) + 1)
-        else:
-            lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
-            hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
-
-        def hypothesis_scores(b: np.ndarray) -> np.ndarray:
-            e = np.clip((sims - b[:, None]) / np.maximum(1.0 - b, 1e-6)[:, None], 0.0, 1.0)
-            total = np.concatenate([[0.0], np.cumsum(e.ravel()[order])])
-            out: np.ndarray = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
-            return out
-
-        scores = hypothesis_scores(bg)
-        # Where: the relative evidence alone (above the local background) picks the
-        # offset; the floor can flatten the difference between the true place and
-        # a near-repeat of it. How sure: that offset's score with the floor.
-        chooser = scores if bg is local else hypothesis_scores(local)
-        last = float(track_starts.max())
-        possible = (sorted_offsets + starts.min() >= -hop / 2 - 1e-6) & (
-            sorted_offsets + starts.max() <= last + hop / 2 + 1e-6
-        )
-        if not possible.any():  # a clip longer than the track: any placement will do
-            possible[:] = True
-        best = int(np.argmax(np.where(possible, chooser, -1.0)))
-        # The best pair among those aligned at the winning offset fixes it, sub-hop.
-        members = order[lo[best] : max(hi[best], lo[best] + 1)]
-        pick = int(members[np.argmax(sims.ravel()[members])])
-        jp, ip = divmod(pick, sims.shape[1])
+        score, jp, ip = best_hypothesis(sims, starts, track_starts, self._hop(starts), local, bg)
         offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
-        return float(scores[best]), offset
+        return score, offset
 
     @staticmethod
     def _hop(starts: np.ndarray) -> float:
@@ -283,3 +243,57 @@ class Searcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def best_hypothesis(
+    sims: np.ndarray,
+    clip_starts: np.ndarray,
+    track_starts: np.ndarray,
+    hop: float,
+    local: np.ndarray,
+    bg: np.ndarray,
+) -> tuple[float, int, int]:
+    """(score, clip window, track window): a clip's best offset in one track, and its best pair.
+
+    ``sims[j, i]``: clip window ``j`` (starting ``clip_starts[j]`` s into the
+    clip, ``hop`` s apart) against track window ``i`` (``track_starts[i]``).
+    Every pair implies an offset; an offset's score is the mean evidence of its
+    aligned pairs, those implying it to within half a hop. The offset is chosen
+    on the evidence above ``local`` (each clip window's local background) and
+    scored with the evidence above ``bg`` (that background floored; the same
+    array when ranking without the floor): the floor can lift the true place
+    and a near-repeat of it to one score, the local background still tells
+    them apart. Offsets that would put a clip window outside the track are not
+    hypotheses, unless the clip is longer than the track.
+    """
+    flat = (track_starts[None, :] - clip_starts[:, None]).ravel()  # the offset each pair implies
+    order = np.argsort(flat, kind="stable")
+    sorted_offsets = flat[order]
+    # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
+    # clip window per indexed window, as clip windows are one hop apart.
+    if hop == 0:  # one clip window: each pair stands alone
+        lo, hi = np.arange(len(flat)), np.arange(1, len(flat) + 1)
+    else:
+        lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
+        hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
+
+    def scores_above(b: np.ndarray) -> np.ndarray:
+        e = np.clip((sims - b[:, None]) / np.maximum(1.0 - b, 1e-6)[:, None], 0.0, 1.0)
+        total = np.concatenate([[0.0], np.cumsum(e.ravel()[order])])
+        out: np.ndarray = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
+        return out
+
+    scores = scores_above(bg)
+    chooser = scores if bg is local else scores_above(local)
+    last = float(track_starts.max())
+    possible = (sorted_offsets + clip_starts.min() >= -hop / 2 - 1e-6) & (
+        sorted_offsets + clip_starts.max() <= last + hop / 2 + 1e-6
+    )
+    if not possible.any():  # a clip longer than the track: any placement will do
+        possible[:] = True
+    best = int(np.argmax(np.where(possible, chooser, -1.0)))
+    # The best pair among those aligned at the winning offset fixes it.
+    members = order[lo[best] : max(hi[best], lo[best] + 1)]
+    pick = int(members[np.argmax(sims.ravel()[members])])
+    jp, ip = divmod(pick, sims.shape[1])
+    return float(scores[best]), jp, ip

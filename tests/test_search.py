@@ -17,7 +17,7 @@ import pytest
 from mert_indexer.errors import QueryError
 from mert_indexer.indexer.kinds import IndexOptions
 from mert_indexer.indexer.plan import PendingFile
-from mert_indexer.indexer.search import Searcher, SearchOptions
+from mert_indexer.indexer.search import Searcher, SearchOptions, best_hypothesis
 from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
@@ -189,3 +189,27 @@ def test_one_track_catalogue_rejects_other_music(tmp_path: Path, offset: float) 
             m = searcher.search(clip, CLIP)
             found += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
         assert found >= 18, f"only {found} of 20 excerpts of the indexed track found"
+
+
+def test_offset_is_chosen_above_the_local_background_and_scored_with_the_floor() -> None:
+    # A 10 s clip (11 windows, 0.5 s hop) against a 50 s track (windows every 5 s).
+    # Two places hold a near-copy: clip window 2 ~ track window 3 (offset 14 s), where
+    # the rest of the catalogue resembles the clip little (local background 0.5), and
+    # clip window 8 ~ track window 6 (offset 26 s), slightly closer in raw similarity
+    # but where other tracks resemble the clip as much (0.7). Above a floor of 0.8 the
+    # second wins (0.80 > 0.75); above the local background the first does
+    # (0.90 > 0.87), and that offset is reported with its floored score.
+    clip = clip_starts(10.0, 0.5)
+    track = np.arange(0.0, 50.0, 5.0)
+    sims = np.full((len(clip), len(track)), 0.3)
+    sims[2, 3], sims[8, 6] = 0.95, 0.96
+    local = np.full(len(clip), 0.5)
+    local[8] = 0.7
+    floored = np.maximum(local, 0.8)
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, local, floored)
+    assert (jp, ip) == (2, 3)
+    assert score == pytest.approx((0.95 - 0.8) / 0.2)
+    # Ranking without a floor: one background for both.
+    assert best_hypothesis(sims, clip, track, 0.5, local, local)[1:] == (2, 3)
+    # With the floor alone the near-copy at 26 s would have won.
+    assert best_hypothesis(sims, clip, track, 0.5, floored, floored)[1:] == (8, 6)
