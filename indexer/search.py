@@ -28,13 +28,8 @@ clip windows only partly overlap indexed windows. The search is built on that:
    tried, not only those of the k-NN hits: in a track whose places resemble
    each other (music repeats itself), the aligned window need not be among a
    clip window's ``k`` nearest;
-4. the hypothesis is chosen on evidence above the local background (a) alone
-   and scored with the floor (b): in music that nearly repeats itself the floor
-   can lift the true place and a near-repeat of it to the same score, while
-   the local background still tells them apart (on held-apart real music with
-   the stand-in model, 10 s clips: offsets within 0.5 s 0.90 -> 1.00 exact,
-   0.90 -> 0.95 mp3 64 kbps); its best pair fixes the offset, refined to a
-   fraction of a hop by a parabola through the neighbouring clip windows.
+4. the best hypothesis's best pair fixes the offset, refined to a fraction of
+   a hop by a parabola through the neighbouring clip windows.
 
 No match (empty list) when the best score is below ``min_score`` = 0.6.
 Measured on seeded synthetic catalogues, 10 s clips, 100 excerpts per noise
@@ -150,8 +145,7 @@ class Searcher:
         runs = np.full(ids.shape, -1, np.int64)
         runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
         floor = self.info["params"].get("null_similarity")
-        local = background(sims, runs, opts.background_rank, None)
-        bg = local if opts.min_score is None or floor is None else np.maximum(local, floor)
+        bg = background(sims, runs, opts.background_rank, None if opts.min_score is None else floor)
         scale = np.maximum(1.0 - bg, 1e-6)
         evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
 
@@ -165,7 +159,7 @@ class Searcher:
         ranked = sorted(strongest, key=lambda r: -strongest[r])[: opts.candidates]
         results: list[Match] = []
         for r in ranked:
-            score, offset = self._verify(q, starts, local, bg, r)
+            score, offset = self._verify(q, starts, bg, r)
             if opts.min_score is None or score >= opts.min_score:
                 results.append(
                     Match(
@@ -182,7 +176,6 @@ class Searcher:
         self,
         q: np.ndarray,
         starts: np.ndarray,
-        local: np.ndarray,
         bg: np.ndarray,
         run: int,
     ) -> tuple[float, float]:
@@ -195,7 +188,7 @@ class Searcher:
         """
         ids, track_starts = self._index.track_windows(run)
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
-        score, jp, ip = best_hypothesis(sims, starts, track_starts, self._hop(starts), local, bg)
+        score, jp, ip = best_hypothesis(sims, starts, track_starts, self._hop(starts), bg)
         offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
         return score, offset
 
@@ -250,7 +243,6 @@ def best_hypothesis(
     clip_starts: np.ndarray,
     track_starts: np.ndarray,
     hop: float,
-    local: np.ndarray,
     bg: np.ndarray,
 ) -> tuple[float, int, int]:
     """(score, clip window, track window): a clip's best offset in one track, and its best pair.
@@ -258,12 +250,9 @@ def best_hypothesis(
     ``sims[j, i]``: clip window ``j`` (starting ``clip_starts[j]`` s into the
     clip, ``hop`` s apart) against track window ``i`` (``track_starts[i]``).
     Every pair implies an offset; an offset's score is the mean evidence of its
-    aligned pairs, those implying it to within half a hop. The offset is chosen
-    on the evidence above ``local`` (each clip window's local background) and
-    scored with the evidence above ``bg`` (that background floored; the same
-    array when ranking without the floor): the floor can lift the true place
-    and a near-repeat of it to one score, the local background still tells
-    them apart. Offsets that would put a clip window outside the track are not
+    aligned pairs, those implying it to within half a hop, with evidence
+    ``(sim - bg) / (1 - bg)`` clipped to [0, 1] (``bg``: each clip window's
+    background). Offsets that would put a clip window outside the track are not
     hypotheses, unless the clip is longer than the track.
     """
     flat = (track_starts[None, :] - clip_starts[:, None]).ravel()  # the offset each pair implies
@@ -277,21 +266,16 @@ def best_hypothesis(
         lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
         hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
 
-    def scores_above(b: np.ndarray) -> np.ndarray:
-        e = np.clip((sims - b[:, None]) / np.maximum(1.0 - b, 1e-6)[:, None], 0.0, 1.0)
-        total = np.concatenate([[0.0], np.cumsum(e.ravel()[order])])
-        out: np.ndarray = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
-        return out
-
-    scores = scores_above(bg)
-    chooser = scores if bg is local else scores_above(local)
+    evidence = np.clip((sims - bg[:, None]) / np.maximum(1.0 - bg, 1e-6)[:, None], 0.0, 1.0)
+    total = np.concatenate([[0.0], np.cumsum(evidence.ravel()[order])])
+    scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
     last = float(track_starts.max())
     possible = (sorted_offsets + clip_starts.min() >= -hop / 2 - 1e-6) & (
         sorted_offsets + clip_starts.max() <= last + hop / 2 + 1e-6
     )
     if not possible.any():  # a clip longer than the track: any placement will do
         possible[:] = True
-    best = int(np.argmax(np.where(possible, chooser, -1.0)))
+    best = int(np.argmax(np.where(possible, scores, -1.0)))
     # The best pair among those aligned at the winning offset fixes it.
     members = order[lo[best] : max(hi[best], lo[best] + 1)]
     pick = int(members[np.argmax(sims.ravel()[members])])

@@ -191,25 +191,25 @@ def test_one_track_catalogue_rejects_other_music(tmp_path: Path, offset: float) 
         assert found >= 18, f"only {found} of 20 excerpts of the indexed track found"
 
 
-def test_offset_is_chosen_above_the_local_background_and_scored_with_the_floor() -> None:
+def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_track() -> None:
     # A 10 s clip (11 windows, 0.5 s hop) against a 50 s track (windows every 5 s).
-    # Two places hold a near-copy: clip window 2 ~ track window 3 (offset 14 s), where
-    # the rest of the catalogue resembles the clip little (local background 0.5), and
-    # clip window 8 ~ track window 6 (offset 26 s), slightly closer in raw similarity
-    # but where other tracks resemble the clip as much (0.7). Above a floor of 0.8 the
-    # second wins (0.80 > 0.75); above the local background the first does
-    # (0.90 > 0.87), and that offset is reported with its floored score.
     clip = clip_starts(10.0, 0.5)
     track = np.arange(0.0, 50.0, 5.0)
     sims = np.full((len(clip), len(track)), 0.3)
-    sims[2, 3], sims[8, 6] = 0.95, 0.96
-    local = np.full(len(clip), 0.5)
-    local[8] = 0.7
-    floored = np.maximum(local, 0.8)
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, local, floored)
-    assert (jp, ip) == (2, 3)
-    assert score == pytest.approx((0.95 - 0.8) / 0.2)
-    # Ranking without a floor: one background for both.
-    assert best_hypothesis(sims, clip, track, 0.5, local, local)[1:] == (2, 3)
-    # With the floor alone the near-copy at 26 s would have won.
-    assert best_hypothesis(sims, clip, track, 0.5, floored, floored)[1:] == (8, 6)
+    bg = np.full(len(clip), 0.5)
+    sims[2, 3] = 0.95  # offset 14 s: one near-copy
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
+    # Offset 40 s would put the clip's end at 50 s, beyond the last window (45 s):
+    # no hypothesis, however strong its pair.
+    sims[0, 8] = 0.99
+    assert best_hypothesis(sims, clip, track, 0.5, bg)[1:] == (2, 3)
+    # Two aligned pairs at one offset (the clip on the index grid: 10 s) average;
+    # a lone stronger pair elsewhere beats their mean, not each of them.
+    sims[0, 2], sims[10, 3] = 0.97, 0.85  # offset 10 s: evidence 0.94 and 0.70
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
+    sims[10, 3] = 0.93  # now 0.94 and 0.86: mean 0.90 + a hair
+    sims[0, 2] = 0.975
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
