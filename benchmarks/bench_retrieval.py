@@ -946,11 +946,16 @@ def plot(r: dict[str, Any], out: Path) -> None:
     os.replace(tmp, out)
 
 
+def result_path(out: Path, suffix: str) -> Path:
+    """``out`` + ``suffix``: results names carry dots (``..._hop2.5_...``), not suffixes."""
+    return out.with_name(out.name + suffix)
+
+
 def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(report))
-    plot(report, out.with_suffix(".png"))
+    atomic_write_text(result_path(out, ".json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(result_path(out, ".md"), markdown(report))
+    plot(report, result_path(out, ".png"))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1011,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
     try:
         if args.render:
-            report = json.loads(out.with_suffix(".json").read_text())
+            report = json.loads(result_path(out, ".json").read_text())
         else:
             report = measure(args)
         write(report, out)

@@ -206,3 +206,16 @@ def test_split_file_forms(tmp_path: Path) -> None:
     p.write_text('{"train": []}')
     with pytest.raises(br.ConfigError, match="held_apart"):
         br.read_split(p)
+
+
+def test_results_names_keep_their_dots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # "--out .../retrieval_x_hop2.5_cat_train" once wrote retrieval_x_hop2.json:
+    # the dot was taken for a suffix, and the next run overwrote the last.
+    out = tmp_path / "retrieval_x_hop2.5_cat_train"
+    committed = Path(br.RESULTS) / "retrieval_standin_q100_cat_held_apart.json"
+    br.result_path(out, ".json").write_text(committed.read_text())
+    assert br.main(["--render", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"retrieval_x_hop2.5_cat_train.{ext}" for ext in ("json", "md", "png")
+    ]
+    assert "Retrieval on real music" in capsys.readouterr().out
