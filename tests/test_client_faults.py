@@ -11,6 +11,7 @@ compose ports). The pipeline tests use the fast in-process ``FakeSender`` of
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -200,7 +201,12 @@ def test_poisoned_answer_through_real_triton(triton, catalogue, tmp_path):
             pool, catalogue, tmp_path / "idx", wrap=lambda s: NaNFor(s, lambda call: None)
         )
         assert [p for p, _ in summary.failed] == [str(target)]
-        assert "the server answered NaN or infinity for window 0" in summary.failed[0][1]
+        # Every window of the file is poisoned; requests in flight answer in any order,
+        # so the one named is whichever came back first.
+        assert re.search(
+            r"the server answered NaN or infinity for window \d+ \(at [\d.]+ s\)",
+            summary.failed[0][1],
+        ), summary.failed[0][1]
         assert summary.indexed == len(catalogue) - 1
         assert str(target) not in stored(tmp_path / "idx")
     finally:
