@@ -200,9 +200,9 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     sims[2, 3] = 0.95  # offset 14 s: one near-copy
     score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
     assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
-    # Offset 40 s would put the clip's end at 50 s, beyond the last window (45 s):
-    # no hypothesis, however strong its pair.
-    sims[0, 8] = 0.99
+    # Offset 45 s would put the clip's last window at 50 s, beyond the track's last
+    # (45 s): no hypothesis, however strong its pair.
+    sims[0, 9] = 0.99
     assert best_hypothesis(sims, clip, track, 0.5, bg)[1:] == (2, 3)
     # Two aligned pairs at one offset (the clip on the index grid: 10 s) average;
     # a lone stronger pair elsewhere beats their mean, not each of them.
