@@ -146,8 +146,7 @@ class Searcher:
         runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
         floor = self.info["params"].get("null_similarity")
         bg = background(sims, runs, opts.background_rank, None if opts.min_score is None else floor)
-        scale = np.maximum(1.0 - bg, 1e-6)
-        evidence = np.where(runs >= 0, np.clip((sims - bg[:, None]) / scale[:, None], 0, 1), 0)
+        evidence = np.where(runs >= 0, pair_evidence(sims, bg), 0)
 
         hit = evidence > 0  # zero wherever the neighbour is not a live window
         if not hit.any():
@@ -238,6 +237,16 @@ class Searcher:
         self.close()
 
 
+def pair_evidence(sims: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """How far each similarity stands above its row's background, on the way to 1.
+
+    ``sims[j, :]`` against background ``bg[j]``: ``(sim - bg) / (1 - bg)``,
+    clipped to [0, 1].
+    """
+    out: np.ndarray = np.clip((sims - bg[:, None]) / np.maximum(1.0 - bg, 1e-6)[:, None], 0.0, 1.0)
+    return out
+
+
 def best_hypothesis(
     sims: np.ndarray,
     clip_starts: np.ndarray,
@@ -250,10 +259,10 @@ def best_hypothesis(
     ``sims[j, i]``: clip window ``j`` (starting ``clip_starts[j]`` s into the
     clip, ``hop`` s apart) against track window ``i`` (``track_starts[i]``).
     Every pair implies an offset; an offset's score is the mean evidence of its
-    aligned pairs, those implying it to within half a hop, with evidence
-    ``(sim - bg) / (1 - bg)`` clipped to [0, 1] (``bg``: each clip window's
-    background). Offsets that would put a clip window outside the track are not
-    hypotheses, unless the clip is longer than the track.
+    aligned pairs, those implying it to within half a hop (:func:`pair_evidence`
+    above ``bg``, each clip window's background). Offsets that would put a clip
+    window outside the track are not hypotheses, unless the clip is longer than
+    the track.
     """
     flat = (track_starts[None, :] - clip_starts[:, None]).ravel()  # the offset each pair implies
     order = np.argsort(flat, kind="stable")
@@ -266,8 +275,7 @@ def best_hypothesis(
         lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
         hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
 
-    evidence = np.clip((sims - bg[:, None]) / np.maximum(1.0 - bg, 1e-6)[:, None], 0.0, 1.0)
-    total = np.concatenate([[0.0], np.cumsum(evidence.ravel()[order])])
+    total = np.concatenate([[0.0], np.cumsum(pair_evidence(sims, bg).ravel()[order])])
     scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
     last = float(track_starts.max())
     possible = (sorted_offsets + clip_starts.min() >= -hop / 2 - 1e-6) & (
