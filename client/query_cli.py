@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_min_score,
         default=None,
         metavar="SCORE|off",
-        help="answer 'no match' below this score (default: the index's documented "
-        "threshold); 'off' ranks best guesses without a threshold",
+        help="answer 'no match' below this score (default: the index's own, "
+        "calibrated when it was built); 'off' ranks best guesses without a threshold",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON array: per clip, its matches best first"

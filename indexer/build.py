@@ -30,7 +30,8 @@ The index's history goes into ``info.json``: ``trained_at``, ``trained_on``
 catalogue's size then), ``increments`` since, ``next_id`` and ``tombstones``
 (tracks taken out of the index whose catalog removal may not have committed:
 they stay out until the catalog agrees, so a crash between the two never brings
-a deleted track back). The no-match floor is measured again when the number of
+a deleted track back). The no-match floor and the threshold
+(:mod:`mert_indexer.indexer.calibration`) are measured again when the number of
 windows moved by more than ``RECALIBRATE_CHANGE`` = 10 % since it last was.
 
 Memory: building streams the segments chunk by chunk (``IndexOptions.chunk_rows``
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from mert_indexer.errors import StoreError
-from mert_indexer.indexer.calibration import null_similarity
+from mert_indexer.indexer.calibration import calibrate
 from mert_indexer.indexer.generation import (
     FORMAT,
     Generation,
@@ -160,14 +161,16 @@ def build(
     params = built.index.params
     calibrated = int(built.history.get("calibrated_windows", -1))
     if gen is None or abs(n - calibrated) > RECALIBRATE_CHANGE * max(calibrated, 1):
-        params["null_quantile"] = options.null_quantile
-        params["null_similarity"] = null_similarity(
+        calibration = calibrate(
             built.index,
             layout,
             _vectors(layout, reader, built.mean),
             options.seed,
             options.null_quantile,
         )
+        params["null_quantile"] = options.null_quantile
+        params["null_similarity"] = calibration.null_similarity
+        params["min_score"] = calibration.min_score
         built.history["calibrated_windows"] = n
     seconds = round(time.perf_counter() - t0, 3)
     if gen is None:

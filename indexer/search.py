@@ -1,23 +1,27 @@
 """Answer "which track, and where in it, does this clip come from?".
 
 The catalogue is indexed with hop = window (5 s) plus a last window aligned to
-the track's end; a clip is windowed with a dense hop (e.g. 0.5 s). So, whatever
-the clip's offset, every indexed window lying inside the clip has one clip
-window within half a hop of it -- a near-duplicate of it -- while the other
-clip windows only partly overlap indexed windows. The search is built on that:
+the track's end (or, ``indexer-client --hop-seconds``, with overlapping
+windows); a clip is windowed with a dense hop (e.g. 0.5 s). So, whatever the
+clip's offset, every indexed window lying inside the clip has one clip window
+within half a hop of it -- a near-duplicate of it -- while the other clip
+windows only partly overlap indexed windows. The search is built on that:
 
 1. each clip window asks for its ``k`` nearest indexed windows (cosine around
-   the catalogue mean, see :mod:`mert_indexer.indexer.kinds`);
+   the catalogue mean, see :mod:`mert_indexer.indexer.kinds`), ``k`` times the
+   index's overlap (window / index hop): a clip window's own track fills that
+   many more of its nearest neighbours;
 2. a hit's *evidence* is how far its similarity stands above a background, on
    the way to 1: ``e = (sim - b) / (1 - b)``, clipped to [0, 1]. The background
    ``b`` of a clip window is the higher of (a) the best similarity of its 3rd
    most similar distinct track -- what mere resemblance reaches where the clip
    is -- and (b) the catalogue's no-match floor, measured at build time: the
    95th percentile, over indexed windows, of the best similarity to another
-   track. Relative, so it means the same whether raw cosines sit near 0.3
-   (a trained model) or all above 0.95 (an untrained one), and whatever the
-   catalogue's size and density; the 3rd track, not the 2nd, so that a track
-   indexed twice (two encodings) still matches;
+   track (:mod:`mert_indexer.indexer.calibration`). Relative, so it means the
+   same whether raw cosines sit near 0.3 (a trained model) or all above 0.95
+   (an untrained one), and whatever the catalogue's size and density; the 3rd
+   track, not the 2nd, so that a track indexed twice (two encodings) still
+   matches;
 3. the ``candidates`` tracks with the strongest hits are verified exactly:
    every clip window against every window of the track. Each (clip window,
    indexed window) pair implies an offset; every implied offset is a
@@ -31,26 +35,25 @@ clip windows only partly overlap indexed windows. The search is built on that:
 4. the best hypothesis's best pair fixes the offset, refined to a fraction of
    a hop by a parabola through the neighbouring clip windows.
 
-No match (empty list) when the best score is below ``min_score`` = 0.6.
-Measured on seeded synthetic catalogues, 10 s clips, 100 excerpts per noise
-level and 100 clips of un-indexed tracks each (``benchmarks/results/
-index_bench.md``, "no-match calibration"; ``tests/test_search.py``):
+No match (empty list) when the best score is below the index's threshold
+(:attr:`Searcher.threshold`), calibrated at build time on the catalogue itself
+and never below 0.6 (:mod:`mert_indexer.indexer.calibration`: the evidence
+windows of one track get from the other tracks, as clips of un-indexed music
+would); an index built without one uses ``DEFAULT_MIN_SCORE`` = 0.6. Measured
+on seeded synthetic catalogues (``benchmarks/results/index_bench.md``,
+"no-match calibration"; ``tests/test_search.py``) and on real music with the
+trained stand-in model (``benchmarks/results/retrieval_standin_*``: 10 s clips
+of held-apart tracks, clean, mp3 and noisy, excerpts at 0.70 or more,
+un-indexed clips at most 0.66 at a 5 s index hop and 0.27 at 1.25 s, against
+thresholds of 0.66 and 0.6).
 
-    catalogue                  excerpts found (min score)        un-indexed
-                               exact      re-encoded (n=0.1)    max score
-    D=32, 6 tracks             1.0 (0.98) 1.0 (0.93)             0.59
-    D=32, 200 tracks           1.0 (0.89) 1.0 (0.65)             0.51
-    D=768, 200 tracks          1.0 (0.97) 1.0 (0.93)             0.37
-    D=768, 2,359 tracks, IVF   1.0 (0.97) 1.0 (0.93)             0.17
-
-No false match in any of them. The threshold can only separate what the model
-separates: with the project's tiny random-init test model, on a 29-window
-catalogue, 8 s excerpts and clips of other tracks score alike (its windows
-0.25 s apart are less alike than windows of different tracks), so there about
-half of random excerpts get no match; ``min_score=None`` ranks without the
-floor and the threshold (best guesses, the right track first in the end-to-end
-tests' three excerpts), at the price of answering for unknown clips too. A clip
-needs window + hop seconds
+The threshold can only separate what the model separates: with the project's
+tiny random-init test model, on a 29-window catalogue, 8 s excerpts and clips
+of other tracks score alike (its windows 0.25 s apart are less alike than
+windows of different tracks), so there about half of random excerpts get no
+match; ``min_score=None`` ranks without the floor and the threshold (best
+guesses, the right track first in the end-to-end tests' three excerpts), at the
+price of answering for unknown clips too. A clip needs window + hop seconds
 (5.5 s) to contain an indexed window whatever its offset; shorter ones are
 scored by their best pair alone.
 """
@@ -64,12 +67,19 @@ from typing import Any
 import numpy as np
 
 from mert_indexer.errors import QueryError
-from mert_indexer.indexer.calibration import background
+from mert_indexer.indexer.calibration import (
+    BACKGROUND_RANK,
+    MIN_THRESHOLD,
+    background,
+    pair_evidence,
+)
 from mert_indexer.indexer.generation import INDEX_DIR
 from mert_indexer.indexer.loaded import LoadedIndex
 from mert_indexer.indexer.segments import SEGMENTS_DIR
 
-DEFAULT_MIN_SCORE = 0.6
+DEFAULT_MIN_SCORE = MIN_THRESHOLD  # the threshold of an index built without calibrating one
+MAX_OVERLAP = 16  # neighbours are asked for k times at most this
+OVERLAP_TRACKS = 16  # tracks whose window spacing gives the index's hop
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,8 @@ class Match:
 
 @dataclass(frozen=True)
 class SearchOptions:
-    k: int = 32  # neighbours per clip window
-    background_rank: int = 3  # the background is this most similar distinct track
+    k: int = 32  # neighbours per clip window, times the index's overlap (Searcher.overlap)
+    background_rank: int = BACKGROUND_RANK  # the background: this most similar distinct track
     candidates: int = 10  # tracks whose hypotheses are verified
     # None: rank only -- no no-match floor, no threshold: best guesses for any clip
     min_score: float | None = DEFAULT_MIN_SCORE
@@ -105,18 +115,23 @@ class Searcher:
         self,
         index_dir: str | Path,
         *,
-        options: SearchOptions = SearchOptions(),
+        options: SearchOptions | None = None,
         use_gpu: bool | None = None,
     ) -> None:
         root = Path(index_dir)
         self.index_dir = root
-        self.options = options
         self._index = LoadedIndex(root / INDEX_DIR, root / SEGMENTS_DIR, use_gpu=use_gpu)
         self.identity: dict[str, Any] = self._index.identity
         self.info: dict[str, Any] = self._index.info
+        calibrated = self.info["params"].get("min_score")
+        self.threshold = DEFAULT_MIN_SCORE if calibrated is None else float(calibrated)
+        """The index's own threshold: calibrated at build time, else ``DEFAULT_MIN_SCORE``."""
+        self.options = options or SearchOptions(min_score=self.threshold)
         self._window_seconds = int(self.identity["window_samples"]) / int(
             self.identity["sample_rate"]
         )
+        self.overlap = self._overlap()
+        """Indexed windows covering a point of a track: window / index hop (1 at the default)."""
 
     @property
     def index(self) -> LoadedIndex:
@@ -141,7 +156,11 @@ class Searcher:
         if self._index.ntotal == 0:
             return []
         q = self._index.prepare(emb)
-        sims, ids = self._index.knn(emb, max(2, min(opts.k, self._index.ntotal)))
+        # A clip window's own track fills ``overlap`` times as many of its nearest
+        # neighbours in an index of overlapping windows: ask for as many more, so
+        # that the background's distinct tracks are still among them.
+        k = max(2, min(opts.k * self.overlap, self._index.ntotal))
+        sims, ids = self._index.knn(emb, k)
         runs = np.full(ids.shape, -1, np.int64)
         runs[ids >= 0] = self._index.locate(ids[ids >= 0])[0]
         floor = self.info["params"].get("null_similarity")
@@ -191,6 +210,17 @@ class Searcher:
         offset = float(track_starts[ip]) - self._peak_time(starts, sims[:, ip], jp)
         return score, offset
 
+    def _overlap(self) -> int:
+        """Window / index hop, from the median spacing of the first tracks' windows."""
+        runs = range(min(len(self._index.runs), OVERLAP_TRACKS))
+        gaps = np.concatenate(
+            [np.zeros(0), *(np.diff(self._index.track_windows(r)[1]) for r in runs)]
+        )
+        gaps = gaps[gaps > 0]
+        if not len(gaps):
+            return 1
+        return int(np.clip(round(self._window_seconds / float(np.median(gaps))), 1, MAX_OVERLAP))
+
     @staticmethod
     def _hop(starts: np.ndarray) -> float:
         steps = np.diff(np.unique(starts))
@@ -235,16 +265,6 @@ class Searcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def pair_evidence(sims: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """How far each similarity stands above its row's background, on the way to 1.
-
-    ``sims[j, :]`` against background ``bg[j]``: ``(sim - bg) / (1 - bg)``,
-    clipped to [0, 1].
-    """
-    out: np.ndarray = np.clip((sims - bg[:, None]) / np.maximum(1.0 - bg, 1e-6)[:, None], 0.0, 1.0)
-    return out
 
 
 def best_hypothesis(

@@ -69,6 +69,9 @@ class IndexOut(BaseModel):
     bytes: int
     built_at: float = Field(description="seconds since the epoch")
     model: dict[str, Any] = Field(description="the identity of the model that built the index")
+    threshold: float = Field(
+        description="identify's default min_score: the index's own, calibrated when it was built"
+    )
     limits: Limits
 
 

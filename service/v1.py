@@ -174,6 +174,7 @@ def index(request: Request) -> dict[str, Any]:
         "bytes": int(info.get("bytes", 0)),
         "built_at": float(info.get("built_at", 0.0)),
         "model": live.searcher.identity,
+        "threshold": live.searcher.threshold,
         "limits": {
             "max_upload_bytes": service.options.max_upload_bytes,
             "max_clip_seconds": query.max_clip_seconds,

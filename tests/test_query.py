@@ -36,7 +36,7 @@ from mert_indexer.client.synth import write
 from mert_indexer.client.triton_io import ConnectOptions, TritonPool
 from mert_indexer.contract import ModelContract
 from mert_indexer.errors import ConfigError, DecodeError, ModelMismatchError, QueryError
-from mert_indexer.indexer.search import DEFAULT_MIN_SCORE, Match, Searcher
+from mert_indexer.indexer.search import Match, Searcher
 from mert_indexer.indexer.store import IndexStore, PendingFile
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
@@ -364,9 +364,10 @@ def test_min_score_per_call_leaves_the_shared_searcher_alone(identifier, excerpt
         got = identifier.identify(clip, top=6, min_score=cut).matches
         assert got == tuple(m for m in floor.matches if m.score >= cut)
     assert all(m.score >= 1.0 for m in identifier.identify(clip, min_score=1.0).matches)
-    assert identifier.searcher.options.min_score == DEFAULT_MIN_SCORE
+    own = identifier.searcher.threshold  # calibrated when the index was built
+    assert identifier.searcher.options.min_score == own
     assert identifier.identify(clip, top=6).matches == before.matches
-    assert all(m.score >= DEFAULT_MIN_SCORE for m in before.matches)
+    assert all(m.score >= own for m in before.matches)
 
 
 def test_embed_clip_still_embeds_a_file(identifier, excerpts):

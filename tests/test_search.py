@@ -213,3 +213,41 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     sims[0, 2] = 0.975
     score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
     assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
+
+
+def test_overlapping_windows_keep_excerpts_above_the_calibrated_threshold(tmp_path: Path) -> None:
+    # Windows every 1.25 s: a window's own track fills its nearest neighbours.
+    # The search asks for `overlap` times as many, and the build calibrates the
+    # floor and the threshold on other tracks' windows only.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5)
+    with IndexStore.open(tmp_path, IDENTITY, create=True) as store:
+        for t in range(8):
+            seconds = seconds_of(t)
+            at = np.arange(0.0, seconds - 5.0 + 1e-9, 1.25)
+            store.add_track(
+                PendingFile(f"track{t}.mp3", f"h{t}", 1, 1),
+                n_samples=round(seconds * SR),
+                sample_rate=SR,
+                starts=np.round(at * SR).astype(np.int64),
+                embeddings=emb.windows(t, at, track_seconds=seconds),
+            )
+        store.commit()
+        store.build_index()
+    with Searcher(tmp_path) as searcher:
+        assert searcher.overlap == 4
+        params = searcher.info["params"]
+        assert params["min_score"] is not None and searcher.threshold == params["min_score"]
+        assert searcher.options.min_score == searcher.threshold
+        rng = np.random.default_rng(8)
+        placed = 0
+        for i in range(20):
+            t = int(rng.integers(8))
+            at = float(rng.uniform(0, seconds_of(t) - 10.0))
+            clip = emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.1, noise_seed=i)
+            m = searcher.search(clip, CLIP)
+            placed += bool(m) and m[0].track == f"track{t}.mp3"
+            placed += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
+        assert placed == 40, f"{placed} of 40 (track, offset) right"
+        for i in range(30):
+            clip = emb.windows(900 + i, 13.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i)
+            assert searcher.search(clip, CLIP) == [], f"unindexed clip {i} matched"

@@ -263,6 +263,8 @@ def test_index_describes_model_kind_counts_generation(svc, triton):
         pool.close()
     assert ix["limits"]["max_upload_bytes"] == MAX_UPLOAD
     assert ix["limits"]["min_clip_seconds"] == 5.0
+    # The index's calibrated threshold: what identify's default "no match" means.
+    assert 0.5 <= ix["threshold"] <= 1.0
     status, _, health = request("GET", f"{svc.url}/healthz")
     assert status == 200 and health == {"status": "ok"}
     status, _, readiness = request("GET", f"{svc.url}/readyz")
