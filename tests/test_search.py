@@ -215,11 +215,13 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
 
 
-def test_overlapping_windows_keep_excerpts_above_the_calibrated_threshold(tmp_path: Path) -> None:
-    # Windows every 1.25 s: a window's own track fills its nearest neighbours.
-    # The search asks for `overlap` times as many, and the build calibrates the
-    # floor and the threshold on other tracks' windows only.
-    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5)
+def test_overlapping_windows_keep_excerpts_above_the_threshold(tmp_path: Path) -> None:
+    # Windows every 1.25 s of tracks whose windows resemble each other (95% of
+    # the latent is the track's): a window's own track fills its 32 nearest
+    # neighbours. The search asks for `overlap` times as many, so the background
+    # is still another track's; with 32, excerpts at 0.2 noise scored 0.25-0.55
+    # (rejected), now 0.87 or more.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5, track_share=0.95)
     with IndexStore.open(tmp_path, IDENTITY, create=True) as store:
         for t in range(8):
             seconds = seconds_of(t)
@@ -243,11 +245,10 @@ def test_overlapping_windows_keep_excerpts_above_the_calibrated_threshold(tmp_pa
         for i in range(20):
             t = int(rng.integers(8))
             at = float(rng.uniform(0, seconds_of(t) - 10.0))
-            clip = emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.1, noise_seed=i)
+            clip = emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.2, noise_seed=i)
             m = searcher.search(clip, CLIP)
-            placed += bool(m) and m[0].track == f"track{t}.mp3"
-            placed += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
-        assert placed == 40, f"{placed} of 40 (track, offset) right"
+            placed += bool(m) and m[0].track == f"track{t}.mp3"  # places alike: no offsets
+        assert placed == 20, f"{placed} of 20 excerpts found"
         for i in range(30):
             clip = emb.windows(900 + i, 13.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i)
             assert searcher.search(clip, CLIP) == [], f"unindexed clip {i} matched"

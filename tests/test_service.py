@@ -33,6 +33,7 @@ import soundfile as sf
 from mert_indexer.client.decode import decode
 from mert_indexer.client.synth import write, write_catalogue
 from mert_indexer.client.triton_io import ConnectOptions, TritonPool
+from mert_indexer.indexer.calibration import MIN_THRESHOLD
 from mert_indexer.indexer.generation import INDEX_DIR, read_current
 from mert_indexer.indexer.search import Searcher
 from mert_indexer.indexer.store import IndexStore, PendingFile
@@ -264,7 +265,7 @@ def test_index_describes_model_kind_counts_generation(svc, triton):
     assert ix["limits"]["max_upload_bytes"] == MAX_UPLOAD
     assert ix["limits"]["min_clip_seconds"] == 5.0
     # The index's calibrated threshold: what identify's default "no match" means.
-    assert 0.5 <= ix["threshold"] <= 1.0
+    assert MIN_THRESHOLD <= ix["threshold"] <= 1.0
     status, _, health = request("GET", f"{svc.url}/healthz")
     assert status == 200 and health == {"status": "ok"}
     status, _, readiness = request("GET", f"{svc.url}/readyz")
