@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from mert_indexer.errors import StoreError
-from mert_indexer.indexer.calibration import calibrate
+from mert_indexer.indexer.calibration import OVERLAP_TRACKS, calibrate, index_overlap
 from mert_indexer.indexer.generation import (
     FORMAT,
     Generation,
@@ -167,6 +167,7 @@ def build(
             _vectors(layout, reader, built.mean),
             options.seed,
             options.null_quantile,
+            _overlap(built.runs, reader, int(identity["window_samples"])),
         )
         params["null_quantile"] = options.null_quantile
         params["null_similarity"] = calibration.null_similarity
@@ -389,6 +390,15 @@ def _vectors(
         return prepare(reader.gather(segs, rows), mean)
 
     return vectors
+
+
+def _overlap(runs: Sequence[TrackRun], reader: SegmentReader, window_samples: int) -> int:
+    """Window / index hop of the catalogue, from its first tracks' window starts."""
+    starts = [
+        reader.starts(r.segment)[r.first_row : r.first_row + r.n_windows]
+        for r in runs[:OVERLAP_TRACKS]
+    ]
+    return index_overlap(starts, window_samples)
 
 
 def _live_info(index_root: Path) -> dict[str, Any] | None:

@@ -45,10 +45,12 @@ from mert_indexer.indexer.kinds import ExactIndex, IvfPqIndex
 from mert_indexer.indexer.layout import Layout
 
 BACKGROUND_RANK = 3  # the local background: this most similar distinct track
+MAX_OVERLAP = 16  # window / index hop is counted up to this
+OVERLAP_TRACKS = 16  # tracks whose window spacing gives the index's hop
 NULL_SAMPLE = 2048  # windows whose nearest other-track window sets the no-match floor
 NULL_NEIGHBOURS = 32
 NULL_BATCH = 256  # sampled windows searched at a time
-WITHIN_TRACK_GAP = 2  # positions apart: windows of one track compared with each other
+WITHIN_TRACK_GAP = 2  # windows apart: windows of one track compared with each other
 THRESHOLD_QUANTILE = 0.999  # of left-out windows' evidence: the catalogue's threshold
 MIN_THRESHOLD = 0.6  # the threshold measured on synthetic catalogues (above)
 
@@ -59,6 +61,20 @@ class Calibration:
 
     null_similarity: float | None  # the floor; None: too few windows to say
     min_score: float | None  # the threshold; None: too few tracks (the search's default)
+
+
+def index_overlap(track_starts: list[np.ndarray], window: float) -> int:
+    """Indexed windows covering a point of a track: ``window`` / the median hop, at least 1.
+
+    ``track_starts``: the window starts of some tracks (``OVERLAP_TRACKS`` are
+    plenty), in ``window``'s units.
+    """
+    steps = (np.diff(np.asarray(t, np.float64)) for t in track_starts)
+    gaps = np.concatenate([np.zeros(0), *steps])
+    gaps = gaps[gaps > 0]
+    if not len(gaps):
+        return 1
+    return int(np.clip(round(window / float(np.median(gaps))), 1, MAX_OVERLAP))
 
 
 def track_rank_similarity(sims: np.ndarray, runs: np.ndarray, rank: int) -> np.ndarray:
@@ -109,6 +125,7 @@ def calibrate(
     vectors: Callable[[np.ndarray], np.ndarray],
     seed: int,
     quantile: float,
+    overlap: int = 1,
 ) -> Calibration:
     """The catalogue's no-match floor (a ``quantile`` of unrelated best similarities) and threshold.
 
@@ -117,11 +134,12 @@ def calibrate(
     another path (another encoding, another album) must not set either: when
     the best other track also matches the sampled window's neighbour at the
     same offset, it is taken for a copy and the next track's similarity is used
-    instead. One track: the floor from its own distant windows, no threshold.
+    instead. One track: the floor from its own distant windows (``overlap``,
+    window / index hop, says how far apart windows share no audio), no threshold.
     """
     n = layout.n
     if len(layout.first_ids) < 2:
-        return Calibration(_within_track_floor(layout, vectors, seed, quantile), None)
+        return Calibration(_within_track_floor(layout, vectors, seed, quantile, overlap), None)
     run_of = layout.run_of
     sample = layout.ids_at(  # ids, drawn by position: ids may have gaps (deleted tracks)
         np.sort(np.random.default_rng(seed + 1).choice(n, size=min(NULL_SAMPLE, n), replace=False))
@@ -206,12 +224,13 @@ def _within_track_floor(
     vectors: Callable[[np.ndarray], np.ndarray],
     seed: int,
     quantile: float,
+    overlap: int,
 ) -> float | None:
     """The floor of a one-track catalogue: how alike its own distant windows are.
 
     For a sample of windows, the best similarity to a window of the same track
-    at least ``WITHIN_TRACK_GAP`` positions away (no shared audio at the
-    default hop of one window). Music resembles itself more than it resembles
+    at least ``WITHIN_TRACK_GAP`` windows away (``overlap`` positions a window:
+    no shared audio). Music resembles itself more than it resembles
     other music, so this floor is stricter than one measured against other
     tracks: with one indexed track, a clip of other music is answered "no
     match" rather than matched to the only candidate (without a floor, 46 of
@@ -220,7 +239,8 @@ def _within_track_floor(
     reject some of its own excerpts, the safe way to fail.
     """
     n = layout.n
-    if n <= WITHIN_TRACK_GAP:
+    gap = WITHIN_TRACK_GAP * overlap
+    if n <= gap:
         return None
     ids = layout.ids_at(np.arange(n))
     every = vectors(ids)
@@ -230,7 +250,7 @@ def _within_track_floor(
     for lo in range(0, len(sample), NULL_BATCH):
         pos = sample[lo : lo + NULL_BATCH]
         sims = every[pos] @ every.T
-        near = np.abs(pos[:, None] - np.arange(n)[None, :]) < WITHIN_TRACK_GAP
+        near = np.abs(pos[:, None] - np.arange(n)[None, :]) < gap
         sims[near] = -np.inf
         best.append(sims.max(axis=1))
     v = np.concatenate(best)

@@ -70,7 +70,9 @@ from mert_indexer.errors import QueryError
 from mert_indexer.indexer.calibration import (
     BACKGROUND_RANK,
     MIN_THRESHOLD,
+    OVERLAP_TRACKS,
     background,
+    index_overlap,
     pair_evidence,
 )
 from mert_indexer.indexer.generation import INDEX_DIR
@@ -78,8 +80,6 @@ from mert_indexer.indexer.loaded import LoadedIndex
 from mert_indexer.indexer.segments import SEGMENTS_DIR
 
 DEFAULT_MIN_SCORE = MIN_THRESHOLD  # the threshold of an index built without calibrating one
-MAX_OVERLAP = 16  # neighbours are asked for k times at most this
-OVERLAP_TRACKS = 16  # tracks whose window spacing gives the index's hop
 
 
 @dataclass(frozen=True)
@@ -211,15 +211,9 @@ class Searcher:
         return score, offset
 
     def _overlap(self) -> int:
-        """Window / index hop, from the median spacing of the first tracks' windows."""
+        """Window / index hop, from the spacing of the first tracks' windows."""
         runs = range(min(len(self._index.runs), OVERLAP_TRACKS))
-        gaps = np.concatenate(
-            [np.zeros(0), *(np.diff(self._index.track_windows(r)[1]) for r in runs)]
-        )
-        gaps = gaps[gaps > 0]
-        if not len(gaps):
-            return 1
-        return int(np.clip(round(self._window_seconds / float(np.median(gaps))), 1, MAX_OVERLAP))
+        return index_overlap([self._index.track_windows(r)[1] for r in runs], self._window_seconds)
 
     @staticmethod
     def _hop(starts: np.ndarray) -> float:

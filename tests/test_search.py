@@ -37,10 +37,17 @@ def seconds_of(track: int) -> float:
     return 40.0 + 7.3 * track
 
 
-def build(root: Path, emb: SyntheticEmbedder, n_tracks: int, **options: object) -> None:
+def build(
+    root: Path, emb: SyntheticEmbedder, n_tracks: int, hop: float | None = None, **options: object
+) -> None:
+    """Index ``n_tracks`` synthetic tracks, as the client does, or every ``hop`` seconds."""
     with IndexStore.open(root, IDENTITY, create=True) as store:
         for t in range(n_tracks):
             n, starts, x = indexed_track(emb, t, seconds_of(t), SR)
+            if hop is not None:  # overlapping windows (indexer-client --hop-seconds)
+                at = np.arange(0.0, seconds_of(t) - 5.0 + 1e-9, hop)
+                starts = np.round(at * SR).astype(np.int64)
+                x = emb.windows(t, at, track_seconds=seconds_of(t))
             store.add_track(
                 PendingFile(f"track{t}.mp3", f"h{t}", 1, 1),
                 n_samples=n,
@@ -164,12 +171,22 @@ def test_rank_only_mode_answers_every_clip(indexed) -> None:
     assert len({m.track for m in guesses}) == len(guesses)  # one guess per track
 
 
+@pytest.mark.parametrize("hop", [None, 1.25], ids=["hop=window", "hop=1.25s"])
 @pytest.mark.parametrize("offset", [0.0, 8.0], ids=["separated", "untrained-like"])
-def test_one_track_catalogue_rejects_other_music(tmp_path: Path, offset: float) -> None:
+def test_one_track_catalogue_rejects_other_music(
+    tmp_path: Path, offset: float, hop: float | None
+) -> None:
     # One indexed track has no other track to calibrate the no-match floor
     # against; without a floor, 46 of 100 clips of other music matched it here.
+    # Its own distant windows set it: two windows apart, however dense the
+    # index (at 1.25 s, two positions apart overlapped: floor 0.99, every
+    # excerpt rejected).
     emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=17, offset=offset)
-    build(tmp_path, emb, 1)
+    build(tmp_path, emb, 1, hop)
+    if hop is not None:  # the same distant windows as at the default hop: about the same floor
+        build(tmp_path / "sparse", emb, 1)
+        floor = Searcher(tmp_path).info["params"]["null_similarity"]
+        assert floor <= Searcher(tmp_path / "sparse").info["params"]["null_similarity"] + 0.02
     with Searcher(tmp_path) as searcher:
         matched = sum(
             bool(
@@ -222,19 +239,7 @@ def test_overlapping_windows_keep_excerpts_above_the_threshold(tmp_path: Path) -
     # is still another track's; with 32, excerpts at 0.2 noise scored 0.25-0.55
     # (rejected), now 0.87 or more.
     emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5, track_share=0.95)
-    with IndexStore.open(tmp_path, IDENTITY, create=True) as store:
-        for t in range(8):
-            seconds = seconds_of(t)
-            at = np.arange(0.0, seconds - 5.0 + 1e-9, 1.25)
-            store.add_track(
-                PendingFile(f"track{t}.mp3", f"h{t}", 1, 1),
-                n_samples=round(seconds * SR),
-                sample_rate=SR,
-                starts=np.round(at * SR).astype(np.int64),
-                embeddings=emb.windows(t, at, track_seconds=seconds),
-            )
-        store.commit()
-        store.build_index()
+    build(tmp_path, emb, 8, hop=1.25)
     with Searcher(tmp_path) as searcher:
         assert searcher.overlap == 4
         params = searcher.info["params"]
