@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from mert_indexer.errors import QueryError
+from mert_indexer.indexer.calibration import pair_evidence
 from mert_indexer.indexer.kinds import IndexOptions
 from mert_indexer.indexer.plan import PendingFile
-from mert_indexer.indexer.search import Searcher, SearchOptions, best_hypothesis
+from mert_indexer.indexer.search import Searcher, SearchOptions, best_hypothesis, refine_offset
 from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
@@ -233,6 +234,45 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     sims[0, 2] = 0.975
     score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
     assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
+
+
+def shifted_peaks(clip: np.ndarray, track: np.ndarray, at: float, bias: np.ndarray) -> np.ndarray:
+    """Similarities of a clip taken ``at`` s into a track, each window's peak off by ``bias``.
+
+    ``sims[j, i]`` falls with the misalignment of clip window ``j`` and track
+    window ``i`` (a parabola 1.5 s wide each side, as a shift-tolerant model's);
+    window ``i`` peaks ``bias[i]`` s early or late, as one window's content
+    can make it.
+    """
+    d = track[None, :] - (clip[:, None] + at) - bias[None, :]
+    return np.clip(1.0 - (d / 1.5) ** 2, 0.0, None) * 0.8 + 0.15
+
+
+def test_refine_offset_reads_every_aligned_window_not_only_the_best_one() -> None:
+    # A 10 s clip from 20.55 s into a track with windows every 1.25 s: four
+    # indexed windows lie in it; their peaks are 0.2 s off, two early, two late.
+    clip = clip_starts(10.0, 0.5)
+    track = np.arange(0.0, 60.0, 1.25)
+    bias = np.zeros(len(track))
+    bias[[17, 18, 19, 20]] = [0.2, -0.2, 0.2, -0.2]
+    sims = shifted_peaks(clip, track, 20.55, bias)
+    bg = np.full(len(clip), 0.5)
+    evidence = pair_evidence(sims, bg)
+    _score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    one = track[ip] - clip[jp]  # the best pair's own reading
+    assert abs(one - 20.55) > 0.15
+    offset = refine_offset(sims, clip, track, (jp, ip), 0.5, evidence, track_axis=True)
+    assert offset == pytest.approx(20.55, abs=0.05)
+    # A clip of one window reads along the track's overlapping windows instead,
+    # or keeps its pair's offset where the windows do not overlap.
+    one_window = np.array([0.0])
+    sims = shifted_peaks(one_window, track, 20.6, np.zeros(len(track)))
+    evidence = pair_evidence(sims, bg[:1])
+    ip = int(np.argmax(sims[0]))
+    assert track[ip] == 20.0
+    along = refine_offset(sims, one_window, track, (0, ip), 0.0, evidence, track_axis=True)
+    assert along == pytest.approx(20.6, abs=0.05)
+    assert refine_offset(sims, one_window, track, (0, ip), 0.0, evidence, track_axis=False) == 20.0
 
 
 def test_overlapping_windows_keep_excerpts_above_the_threshold(tmp_path: Path) -> None:
