@@ -344,13 +344,12 @@ def refine_offset(
         return _parabola_peak(track_starts[order], sims[jp, order], pos) - float(clip_starts[jp])
     order = np.argsort(clip_starts, kind="stable")
     t = clip_starts[order]
+    at = track_starts - offset  # where each indexed window lies in the clip
+    inside = np.flatnonzero((at >= t[0] - hop / 2 - 1e-6) & (at <= t[-1] + hop / 2 + 1e-6))
     readings, weights = [], []
-    for i in range(len(track_starts)):
-        at = float(track_starts[i]) - offset  # where window i lies in the clip
-        if not (t[0] - hop / 2 - 1e-6 <= at <= t[-1] + hop / 2 + 1e-6):
-            continue
+    for i in inside.tolist():
         curve = sims[order, i]
-        j = int(np.argmin(np.abs(t - at)))
+        j = int(np.argmin(np.abs(t - at[i])))
         lo, hi = max(0, j - 1), min(len(t), j + 2)
         peak = lo + int(np.argmax(curve[lo:hi]))
         weight = float(evidence[order[peak], i])
