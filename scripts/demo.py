@@ -230,7 +230,7 @@ def main() -> int:
     elif contract.model_id.startswith("standin/"):
         print(
             f"(the stand-in, NOT MERT, indexed every {STANDIN_HOP_SECONDS:g} s: 0.96-0.99 of "
-            "10 s clips placed within 0.5 s on this music; see README.md and "
+            "10 s clips of freedroidrpg music placed within 0.5 s; see README.md and "
             "benchmarks/results/retrieval_standin_*.md)"
         )
     return 0 if track_ok else 1
