@@ -216,15 +216,10 @@ class Searcher:
         ids, track_starts = self._index.track_windows(run)
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
         hop = self._hop(starts)
-        score, jp, ip = best_hypothesis(sims, starts, track_starts, hop, bg)
+        evidence = pair_evidence(sims, bg)
+        score, jp, ip = best_hypothesis(sims, starts, track_starts, hop, evidence)
         offset = refine_offset(
-            sims,
-            starts,
-            track_starts,
-            (jp, ip),
-            hop,
-            pair_evidence(sims, bg),
-            track_axis=self.overlap > 1,
+            sims, starts, track_starts, (jp, ip), hop, evidence, track_axis=self.overlap > 1
         )
         return score, offset
 
@@ -269,17 +264,17 @@ def best_hypothesis(
     clip_starts: np.ndarray,
     track_starts: np.ndarray,
     hop: float,
-    bg: np.ndarray,
+    evidence: np.ndarray,
 ) -> tuple[float, int, int]:
     """(score, clip window, track window): a clip's best offset in one track, and its best pair.
 
     ``sims[j, i]``: clip window ``j`` (starting ``clip_starts[j]`` s into the
     clip, ``hop`` s apart) against track window ``i`` (``track_starts[i]``).
-    Every pair implies an offset; an offset's score is the mean evidence of its
-    aligned pairs, those implying it to within half a hop (:func:`pair_evidence`
-    above ``bg``, each clip window's background). Offsets that would put a clip
-    window outside the track are not hypotheses, unless the clip is longer than
-    the track.
+    Every pair implies an offset; an offset's score is the mean ``evidence`` of
+    its aligned pairs, those implying it to within half a hop (``evidence[j,
+    i]``: :func:`pair_evidence` above clip window ``j``'s background). Offsets
+    that would put a clip window outside the track are not hypotheses, unless
+    the clip is longer than the track.
     """
     flat = (track_starts[None, :] - clip_starts[:, None]).ravel()  # the offset each pair implies
     order = np.argsort(flat, kind="stable")
@@ -292,7 +287,7 @@ def best_hypothesis(
         lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
         hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
 
-    total = np.concatenate([[0.0], np.cumsum(pair_evidence(sims, bg).ravel()[order])])
+    total = np.concatenate([[0.0], np.cumsum(evidence.ravel()[order])])
     scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
     last = float(track_starts.max())
     possible = (sorted_offsets + clip_starts.min() >= -hop / 2 - 1e-6) & (

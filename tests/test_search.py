@@ -219,20 +219,20 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     sims = np.full((len(clip), len(track)), 0.3)
     bg = np.full(len(clip), 0.5)
     sims[2, 3] = 0.95  # offset 14 s: one near-copy
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
     assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
     # Offset 45 s would put the clip's last window at 50 s, beyond the track's last
     # (45 s): no hypothesis, however strong its pair.
     sims[0, 9] = 0.99
-    assert best_hypothesis(sims, clip, track, 0.5, bg)[1:] == (2, 3)
+    assert best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))[1:] == (2, 3)
     # Two aligned pairs at one offset (the clip on the index grid: 10 s) average;
     # a lone stronger pair elsewhere beats their mean, not each of them.
     sims[0, 2], sims[10, 3] = 0.97, 0.85  # offset 10 s: evidence 0.94 and 0.70
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
     assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
     sims[10, 3] = 0.93  # now 0.94 and 0.86: mean 0.90 + a hair
     sims[0, 2] = 0.975
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
     assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
 
 
@@ -258,7 +258,7 @@ def test_refine_offset_reads_every_aligned_window_not_only_the_best_one() -> Non
     sims = shifted_peaks(clip, track, 20.55, bias)
     bg = np.full(len(clip), 0.5)
     evidence = pair_evidence(sims, bg)
-    _score, jp, ip = best_hypothesis(sims, clip, track, 0.5, bg)
+    _score, jp, ip = best_hypothesis(sims, clip, track, 0.5, evidence)
     one = track[ip] - clip[jp]  # the best pair's own reading
     assert abs(one - 20.55) > 0.15
     offset = refine_offset(sims, clip, track, (jp, ip), 0.5, evidence, track_axis=True)
