@@ -778,6 +778,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "windows": info.get("n_vectors"),
             "null_similarity": info.get("params", {}).get("null_similarity"),
             "default_min_score": threshold,
+            "min_score_by_pairs": info.get("params", {}).get("min_score_by_pairs"),
             "hop_seconds": args.index_hop,  # None: indexer-client's default (the window)
         },
         "query_hop_seconds": args.query_hop,
@@ -810,6 +811,14 @@ def random_init_banner(model_id: str) -> str:
     )
 
 
+def _by_pairs(thresholds: list[float] | None) -> str:
+    """The index's thresholds by aligned pairs, for the report's index line."""
+    if not thresholds:
+        return ""
+    shown = " / ".join(f"{t:g}" for t in thresholds)
+    return f" (by aligned pairs 1-{len(thresholds)}: {shown})"
+
+
 def _f(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -834,7 +843,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Index: {idx['windows']} windows ({idx['kind']}, hop "
         f"{'= window' if index_hop is None else f'{index_hop:g} s'}), null similarity "
-        f"{_f(idx['null_similarity'], 3)}, default threshold {idx['default_min_score']}; "
+        f"{_f(idx['null_similarity'], 3)}, default threshold {idx['default_min_score']}"
+        f"{_by_pairs(idx.get('min_score_by_pairs'))}; "
         f"built by indexer-client in {idx['build']['seconds']} s. {r['queries_per_cell']} "
         f"excerpts (+ as many un-indexed clips where there are some) per cell, seed {r['seed']}, "
         f"offsets at arbitrary samples (never within {MIN_GRID_DISTANCE} samples of the "

@@ -222,7 +222,8 @@ class Identifier:
             return None
         if min_score is not None and not 0.0 <= min_score <= 1.0:
             raise QueryError(f"min_score is between 0 and 1, got {min_score}")
-        return dataclasses.replace(self.searcher.options, min_score=min_score)
+        # A threshold given for this call holds whatever the clip's aligned pairs.
+        return dataclasses.replace(self.searcher.options, min_score=min_score, pair_thresholds=None)
 
 
 @contextlib.contextmanager

@@ -165,6 +165,7 @@ def build(
             built.index,
             layout,
             _vectors(layout, reader, built.mean),
+            _starts(layout, reader),
             options.seed,
             options.null_quantile,
             _overlap(built.runs, reader, int(identity["window_samples"])),
@@ -172,7 +173,15 @@ def build(
         params["null_quantile"] = options.null_quantile
         params["null_similarity"] = calibration.null_similarity
         params["min_score"] = calibration.min_score
+        params["min_score_by_pairs"] = calibration.pair_thresholds
         built.history["calibrated_windows"] = n
+        if len(built.runs) == 1:
+            log.warning(
+                "%s: one track, no other music to calibrate the no-match threshold against: "
+                "excerpts of a track that repeats itself mostly get no match (index more "
+                "tracks, or rank with --min-score off)",
+                index_root,
+            )
     seconds = round(time.perf_counter() - t0, 3)
     if gen is None:
         params["build_seconds"] = seconds
@@ -390,6 +399,20 @@ def _vectors(
         return prepare(reader.gather(segs, rows), mean)
 
     return vectors
+
+
+def _starts(layout: Layout, reader: SegmentReader) -> Callable[[np.ndarray], np.ndarray]:
+    """Stored window starts (samples into the track) by id (calibration)."""
+
+    def starts(ids: np.ndarray) -> np.ndarray:
+        _, segs, rows = layout.place(ids)
+        out = np.empty(len(ids), np.int64)
+        for seg in np.unique(segs).tolist():
+            at = segs == seg
+            out[at] = reader.starts(seg)[rows[at]]
+        return out
+
+    return starts
 
 
 def _overlap(runs: Sequence[TrackRun], reader: SegmentReader, window_samples: int) -> int:

@@ -27,6 +27,14 @@ floor below. The estimate follows the catalogue: 0.51-0.71 for the stand-in's
 training and held-apart tracks at 1.25-5 s hops (thresholds 0.6-0.71;
 ``benchmarks/results/retrieval_standin_*``).
 
+That threshold is what one pair needs. A clip placed by several aligned pairs
+(an index of overlapping windows: 6-7 in a 10 s clip at a 1.25 s hop) meets
+chance far less, and a catalogue of ``PAIR_MIN_TRACKS`` tracks or more also
+calibrates a threshold per number of pairs (:func:`_pair_thresholds`: runs
+of its own windows scored as the search scores a clip), which the search
+applies by the pairs of a clip's best offset. Fewer tracks sample too few
+ways for a whole track to resemble another: one threshold then holds.
+
 Both are measured against the ``NULL_NEIGHBOURS`` nearest windows of *other*
 tracks, as a clip of un-indexed music meets them: a window's own track crowds
 its neighbours in an index of overlapping windows, and a floor taken from the
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mert_indexer.indexer.hypothesis import best_hypothesis
 from mert_indexer.indexer.kinds import ExactIndex, IvfPqIndex
 from mert_indexer.indexer.layout import Layout
 
@@ -53,6 +62,10 @@ NULL_BATCH = 256  # sampled windows searched at a time
 WITHIN_TRACK_GAP = 2  # windows apart: windows of one track compared with each other
 THRESHOLD_QUANTILE = 0.999  # of left-out windows' evidence: the catalogue's threshold
 MIN_THRESHOLD = 0.6  # the threshold measured on synthetic catalogues (above)
+PAIR_CLIPS = 512  # clips of consecutive indexed windows that set the thresholds by pairs
+PAIR_MIN_TRACKS = 200  # fewer tracks: one threshold, whatever the pairs
+MAX_PAIRS = 8  # thresholds for 1 .. MAX_PAIRS aligned pairs; more pairs use the last
+PAIR_CANDIDATES = 3  # other tracks verified per such clip
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class Calibration:
 
     null_similarity: float | None  # the floor; None: too few windows to say
     min_score: float | None  # the threshold; None: too few tracks (the search's default)
+    # thresholds for a clip placed by 1, 2, ... aligned pairs (the first: min_score)
+    pair_thresholds: tuple[float, ...] | None = None
 
 
 def index_overlap(track_starts: list[np.ndarray], window: float) -> int:
@@ -123,13 +138,15 @@ def calibrate(
     index: ExactIndex | IvfPqIndex,
     layout: Layout,
     vectors: Callable[[np.ndarray], np.ndarray],
+    starts: Callable[[np.ndarray], np.ndarray],
     seed: int,
     quantile: float,
     overlap: int = 1,
 ) -> Calibration:
-    """The catalogue's no-match floor (a ``quantile`` of unrelated best similarities) and threshold.
+    """The catalogue's no-match floor (a ``quantile`` of unrelated best similarities), thresholds.
 
-    ``vectors(ids)`` gives prepared (centred, normalised) stored vectors; hits
+    ``vectors(ids)`` gives prepared (centred, normalised) stored vectors,
+    ``starts(ids)`` where the windows start in their track; hits
     are re-scored exactly, also for IVF-PQ. A copy of the same music under
     another path (another encoding, another album) must not set either: when
     the best other track also matches the sampled window's neighbour at the
@@ -185,8 +202,106 @@ def calibrate(
     v, loc = v[keep], loc[keep]
     floor = round(float(np.quantile(v, quantile)), 4)
     chance = pair_evidence(v[:, None], np.maximum(loc, floor))[:, 0]
-    threshold = max(MIN_THRESHOLD, float(np.quantile(chance, THRESHOLD_QUANTILE)))
-    return Calibration(floor, round(threshold, 4))
+    threshold = round(max(MIN_THRESHOLD, float(np.quantile(chance, THRESHOLD_QUANTILE))), 4)
+    if len(layout.first_ids) < PAIR_MIN_TRACKS:
+        return Calibration(floor, threshold)
+    by_pairs = _pair_thresholds(index, layout, vectors, starts, seed, floor, threshold)
+    return Calibration(floor, threshold, by_pairs)
+
+
+def _pair_thresholds(
+    index: ExactIndex | IvfPqIndex,
+    layout: Layout,
+    vectors: Callable[[np.ndarray], np.ndarray],
+    starts: Callable[[np.ndarray], np.ndarray],
+    seed: int,
+    floor: float,
+    threshold: float,
+) -> tuple[float, ...] | None:
+    """The threshold for a clip placed by 1, 2, ... ``MAX_PAIRS`` aligned pairs.
+
+    A clip's score is the mean evidence of the pairs aligned at its best
+    offset, so chance reaches less the more pairs there are (at a 1.25 s index
+    hop a 10 s clip holds 6-7 indexed windows). Measured as the search scores
+    a clip: ``PAIR_CLIPS`` runs of up to ``MAX_PAIRS`` consecutive windows of a
+    track, each a clip of music the catalogue does not hold once its own track
+    is left out, are verified against their ``PAIR_CANDIDATES`` strongest other
+    tracks; each prefix's best score counts at its number of aligned pairs. A
+    score at or above the one-pair ``threshold`` is music the catalogue holds
+    twice (a shared passage, another version), not chance: the next track's is
+    used. The threshold for ``p`` pairs is the highest chance score at ``p`` or
+    more pairs, never above ``threshold``; ``None`` when no track has two
+    windows.
+
+    Chance at several pairs is mostly a whole track resembling another, so the
+    catalogue samples it once per track: only from ``PAIR_MIN_TRACKS`` tracks
+    (:func:`calibrate`) is that enough. On seeded synthetic catalogues of
+    alike tracks at a 1.25 s hop, clips of other music scored up to 0.31-0.56
+    at 4 pairs: with 100 tracks the thresholds were below that and answered
+    3-5 of 300 such clips; with 200 (five catalogues), 1 of 1,500, while
+    excerpts cleared them 1.03-3x as often as the one-pair threshold. On 293
+    real game-music tracks at a 1.25 s hop, with the stand-in model: 0.23 for
+    the 6-7 pairs of a 10 s clip against 0.6 for one, 1 of 400 clips of
+    un-indexed tracks answered (score 0.39), and 10 s excerpts placed
+    0.87-0.90 against 0.68-0.76 at the one-pair threshold, judged strictly
+    (``benchmarks/results/retrieval_standin_hundreds_hop1.25.md``).
+    """
+    run_of = layout.run_of
+    n = layout.n
+    pos = np.sort(np.random.default_rng(seed + 3).choice(n, size=min(PAIR_CLIPS, n), replace=False))
+    firsts = layout.ids_at(pos)
+    own = run_of(firsts)
+    lengths = np.minimum(layout.ends[own] - firsts, MAX_PAIRS)
+    keep = lengths >= 2
+    if not keep.any():
+        return None
+    firsts, own, lengths = firsts[keep], own[keep], lengths[keep]
+    clip_ids = np.concatenate([np.arange(f, f + m) for f, m in zip(firsts, lengths, strict=True)])
+    q = vectors(clip_ids)
+    hit_ids, other = _other_track_hits(index, q, np.repeat(own, lengths), run_of, n)
+    sims = np.full(hit_ids.shape, -np.inf, np.float32)
+    sims[other] = np.einsum(
+        "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(hit_ids[other])
+    )
+    runs = np.where(other, run_of(np.maximum(hit_ids, 0)), -1)
+    bg = np.maximum(track_rank_similarity(sims, runs, BACKGROUND_RANK), floor)
+    evidence = np.where(other, pair_evidence(sims, bg), 0.0)
+    clip_starts = starts(clip_ids).astype(np.float64)
+
+    highest = np.full(MAX_PAIRS + 1, -1.0)  # chance's highest score, by aligned pairs
+    row = 0
+    for length in lengths.tolist():
+        at = slice(row, row + length)
+        row += length
+        tracks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for m in range(2, length + 1):
+            hit_runs, hit_ev = runs[at][:m], evidence[at][:m]
+            strongest: dict[int, float] = {}
+            for r, e in zip(
+                hit_runs[hit_ev > 0].tolist(), hit_ev[hit_ev > 0].tolist(), strict=True
+            ):
+                strongest[r] = max(strongest.get(r, 0.0), e)
+            cs = clip_starts[at][:m] - clip_starts[at][0]
+            hop = float(np.median(np.diff(cs)))
+            found = []
+            for r in sorted(strongest, key=lambda t: -strongest[t])[:PAIR_CANDIDATES]:
+                if r not in tracks:
+                    ids = np.arange(layout.first_ids[r], layout.ends[r])
+                    tracks[r] = (vectors(ids), starts(ids).astype(np.float64))
+                track_vectors, track_starts = tracks[r]
+                s = q[at][:m] @ track_vectors.T
+                found.append(
+                    best_hypothesis(s, cs, track_starts, hop, pair_evidence(s, bg[at][:m]))
+                )
+            chance = sorted((h for h in found if h.score < threshold), key=lambda h: -h.score)
+            if chance:
+                p = min(chance[0].pairs, MAX_PAIRS)
+                highest[p] = max(highest[p], chance[0].score)
+    out = [threshold]
+    for p in range(2, MAX_PAIRS + 1):
+        later = highest[p:][highest[p:] >= 0]
+        out.append(round(min(threshold, float(later.max())), 4) if len(later) else threshold)
+    return tuple(out)
 
 
 def _other_track_hits(
@@ -244,6 +359,18 @@ def _within_track_floor(
     quantile would answer other music: on other seeds of the synthetic
     catalogue, 10-29 of 100 clips of other music matched at the median or
     below, 2-3 at the 95th percentile.
+
+    No statistic of the track itself says how near other music comes: that
+    depends on the music the catalogue does not hold. At a 1.25 s hop, one
+    freedroidrpg track (Hyperbattle) places 0.99-1.00 of its 10 s excerpts
+    with a floor at 0.75 or below and no clip of other freedroidrpg music
+    clears it; one wesnoth track (knolls) answers 3 of 100 10 s clips of other
+    wesnoth tracks at 0.62 and none from 0.8. The 95th percentile of all
+    distant pairs (0.74 and 0.62 there) answered 1-2 of 100 for another
+    freedroidrpg track at the default hop. Two tracks are enough: each is
+    the other's other music (10 s excerpts of two freedroidrpg tracks placed
+    0.98-1.00, no clip of four other tracks answered,
+    ``retrieval_standin_two_tracks_hop1.25.md``).
     """
     n = layout.n
     gap = WITHIN_TRACK_GAP * overlap

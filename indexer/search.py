@@ -54,7 +54,10 @@ on seeded synthetic catalogues (``benchmarks/results/index_bench.md``,
 trained stand-in model (``benchmarks/results/retrieval_standin_*``: 10 s clips
 of held-apart tracks, clean, mp3 and noisy, excerpts at 0.70 or more,
 un-indexed clips at most 0.66 at a 5 s index hop and 0.27 at 1.25 s, against
-thresholds of 0.66 and 0.6).
+thresholds of 0.66 and 0.6). A catalogue of hundreds of tracks also calibrates
+a threshold per number of aligned pairs (:attr:`Searcher.thresholds`): the
+score of a clip whose best offset rests on several pairs is held to what
+chance reaches with as many.
 
 The threshold can only separate what the model separates: with the project's
 tiny random-init test model, on a 29-window catalogue, 8 s excerpts and clips
@@ -85,6 +88,7 @@ from mert_indexer.indexer.calibration import (
     pair_evidence,
 )
 from mert_indexer.indexer.generation import INDEX_DIR
+from mert_indexer.indexer.hypothesis import best_hypothesis
 from mert_indexer.indexer.loaded import LoadedIndex
 from mert_indexer.indexer.segments import SEGMENTS_DIR
 
@@ -108,6 +112,9 @@ class SearchOptions:
     candidates: int = 10  # tracks whose hypotheses are verified
     # None: rank only -- no no-match floor, no threshold: best guesses for any clip
     min_score: float | None = DEFAULT_MIN_SCORE
+    # The index's own thresholds by aligned pairs (1, 2, ...; the last for more), in
+    # place of a min_score that is not None; None: min_score whatever the pairs
+    pair_thresholds: tuple[float, ...] | None = None
 
 
 class Searcher:
@@ -135,7 +142,15 @@ class Searcher:
         calibrated = self.info["params"].get("min_score")
         self.threshold = DEFAULT_MIN_SCORE if calibrated is None else float(calibrated)
         """The index's own threshold: calibrated at build time, else ``DEFAULT_MIN_SCORE``."""
-        self.options = options or SearchOptions(min_score=self.threshold)
+        by_pairs = self.info["params"].get("min_score_by_pairs")
+        self.thresholds: tuple[float, ...] | None = (
+            None if by_pairs is None else tuple(float(t) for t in by_pairs)
+        )
+        """The index's thresholds for a clip placed by 1, 2, ... aligned pairs (the
+        first is :attr:`threshold`), calibrated at build time; ``None``: one for all."""
+        self.options = options or SearchOptions(
+            min_score=self.threshold, pair_thresholds=self.thresholds
+        )
         self._window_seconds = int(self.identity["window_samples"]) / int(
             self.identity["sample_rate"]
         )
@@ -186,8 +201,8 @@ class Searcher:
         ranked = sorted(strongest, key=lambda r: -strongest[r])[: opts.candidates]
         results: list[Match] = []
         for r in ranked:
-            score, offset = self._verify(q, starts, bg, r)
-            if opts.min_score is None or score >= opts.min_score:
+            score, offset, pairs = self._verify(q, starts, bg, r)
+            if _answers(opts, score, pairs):
                 results.append(
                     Match(
                         self._index.paths[r],
@@ -205,8 +220,8 @@ class Searcher:
         starts: np.ndarray,
         bg: np.ndarray,
         run: int,
-    ) -> tuple[float, float]:
-        """(score, offset) of the best hypothesis "the clip is track ``run`` from ``offset``".
+    ) -> tuple[float, float, int]:
+        """(score, offset, aligned pairs) of the best hypothesis: the clip is track ``run``.
 
         Every clip window is compared exactly with every window of the track and
         every offset those pairs imply is scored (:func:`best_hypothesis`); the
@@ -217,11 +232,12 @@ class Searcher:
         sims = q @ self._index.vectors(ids).T  # [clip windows, track windows]
         hop = self._hop(starts)
         evidence = pair_evidence(sims, bg)
-        score, jp, ip = best_hypothesis(sims, starts, track_starts, hop, evidence)
+        best = best_hypothesis(sims, starts, track_starts, hop, evidence)
+        pair = (best.clip_window, best.track_window)
         offset = refine_offset(
-            sims, starts, track_starts, (jp, ip), hop, evidence, track_axis=self.overlap > 1
+            sims, starts, track_starts, pair, hop, evidence, track_axis=self.overlap > 1
         )
-        return score, offset
+        return best.score, offset, best.pairs
 
     def _overlap(self) -> int:
         """Window / index hop, from the spacing of the first tracks' windows."""
@@ -259,48 +275,13 @@ class Searcher:
         self.close()
 
 
-def best_hypothesis(
-    sims: np.ndarray,
-    clip_starts: np.ndarray,
-    track_starts: np.ndarray,
-    hop: float,
-    evidence: np.ndarray,
-) -> tuple[float, int, int]:
-    """(score, clip window, track window): a clip's best offset in one track, and its best pair.
-
-    ``sims[j, i]``: clip window ``j`` (starting ``clip_starts[j]`` s into the
-    clip, ``hop`` s apart) against track window ``i`` (``track_starts[i]``).
-    Every pair implies an offset; an offset's score is the mean ``evidence`` of
-    its aligned pairs, those implying it to within half a hop (``evidence[j,
-    i]``: :func:`pair_evidence` above clip window ``j``'s background). Offsets
-    that would put a clip window outside the track are not hypotheses, unless
-    the clip is longer than the track.
-    """
-    flat = (track_starts[None, :] - clip_starts[:, None]).ravel()  # the offset each pair implies
-    order = np.argsort(flat, kind="stable")
-    sorted_offsets = flat[order]
-    # Pairs aligned at offset o: implied offsets in [o - hop/2, o + hop/2) -- one
-    # clip window per indexed window, as clip windows are one hop apart.
-    if hop == 0:  # one clip window: each pair stands alone
-        lo, hi = np.arange(len(flat)), np.arange(1, len(flat) + 1)
-    else:
-        lo = np.searchsorted(sorted_offsets, sorted_offsets - hop / 2 - 1e-9, side="left")
-        hi = np.searchsorted(sorted_offsets, sorted_offsets + hop / 2 - 1e-9, side="left")
-
-    total = np.concatenate([[0.0], np.cumsum(evidence.ravel()[order])])
-    scores = (total[hi] - total[lo]) / np.maximum(hi - lo, 1)
-    last = float(track_starts.max())
-    possible = (sorted_offsets + clip_starts.min() >= -hop / 2 - 1e-6) & (
-        sorted_offsets + clip_starts.max() <= last + hop / 2 + 1e-6
-    )
-    if not possible.any():  # a clip longer than the track: any placement will do
-        possible[:] = True
-    best = int(np.argmax(np.where(possible, scores, -1.0)))
-    # The best pair among those aligned at the winning offset fixes it.
-    members = order[lo[best] : max(hi[best], lo[best] + 1)]
-    pick = int(members[np.argmax(sims.ravel()[members])])
-    jp, ip = divmod(pick, sims.shape[1])
-    return float(scores[best]), jp, ip
+def _answers(opts: SearchOptions, score: float, pairs: int) -> bool:
+    """Whether a match of ``score``, placed by ``pairs`` aligned pairs, is answered."""
+    if opts.min_score is None:  # ranking
+        return True
+    if opts.pair_thresholds:
+        return score >= opts.pair_thresholds[min(max(pairs, 1), len(opts.pair_thresholds)) - 1]
+    return score >= opts.min_score
 
 
 def refine_offset(

@@ -72,6 +72,11 @@ class IndexOut(BaseModel):
     threshold: float = Field(
         description="identify's default min_score: the index's own, calibrated when it was built"
     )
+    thresholds_by_pairs: list[float] | None = Field(
+        description="the index's own thresholds for a clip placed by 1, 2, ... aligned window "
+        "pairs (the last for more), calibrated on catalogues of hundreds of tracks; null: "
+        "threshold whatever the pairs"
+    )
     limits: Limits
 
 

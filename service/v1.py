@@ -175,6 +175,7 @@ def index(request: Request) -> dict[str, Any]:
         "built_at": float(info.get("built_at", 0.0)),
         "model": live.searcher.identity,
         "threshold": live.searcher.threshold,
+        "thresholds_by_pairs": live.searcher.thresholds,
         "limits": {
             "max_upload_bytes": service.options.max_upload_bytes,
             "max_clip_seconds": query.max_clip_seconds,

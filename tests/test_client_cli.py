@@ -143,6 +143,7 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
     assert f"failed: {folder / 'junk.ogg'}: not a readable audio file" in err
     assert f"failed: {folder / 'dir.mp3'}:" in err
     assert "caf\\xe9 \\xff.wav" in err  # escaped, not crashed on
+    assert "one track, no other music to calibrate the no-match threshold against" in err
     assert "tracks/hour" in proc.stdout and "h of audio" in proc.stdout
 
 

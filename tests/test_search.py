@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from mert_indexer.errors import QueryError
-from mert_indexer.indexer.calibration import pair_evidence
+from mert_indexer.indexer.calibration import PAIR_MIN_TRACKS, pair_evidence
+from mert_indexer.indexer.hypothesis import best_hypothesis
 from mert_indexer.indexer.kinds import IndexOptions
 from mert_indexer.indexer.plan import PendingFile
-from mert_indexer.indexer.search import Searcher, SearchOptions, best_hypothesis, refine_offset
+from mert_indexer.indexer.search import Searcher, SearchOptions, refine_offset
 from mert_indexer.indexer.store import IndexStore
 from mert_indexer.indexer.synthetic import (
     SyntheticEmbedder,
@@ -60,6 +61,18 @@ def build(
             )
         store.commit()
         store.build_index(options=IndexOptions(**options))  # type: ignore[arg-type]
+
+
+def other_music_answered(searcher: Searcher, emb: SyntheticEmbedder, first: int, at: float) -> int:
+    """How many of 100 clips (from ``at`` s) of un-indexed tracks ``first``, ... get an answer."""
+    return sum(
+        bool(
+            searcher.search(
+                emb.windows(first + i, at + CLIP, track_seconds=60, noise=0.05, noise_seed=i), CLIP
+            )
+        )
+        for i in range(100)
+    )
 
 
 @pytest.fixture(scope="module", params=[0.0, 8.0], ids=["separated", "untrained-like"])
@@ -192,15 +205,7 @@ def test_one_track_catalogue_rejects_other_music(
             floor = dense.info["params"]["null_similarity"]
             assert floor <= sparse.info["params"]["null_similarity"] + 0.02
     with Searcher(tmp_path) as searcher:
-        matched = sum(
-            bool(
-                searcher.search(
-                    emb.windows(500 + i, 11.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i),
-                    CLIP,
-                )
-            )
-            for i in range(100)
-        )
+        matched = other_music_answered(searcher, emb, 500, 11.0)
         assert matched <= 1, f"{matched} of 100 clips of other music matched the one track"
         rng = np.random.default_rng(3)
         found = 0
@@ -219,21 +224,21 @@ def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_trac
     sims = np.full((len(clip), len(track)), 0.3)
     bg = np.full(len(clip), 0.5)
     sims[2, 3] = 0.95  # offset 14 s: one near-copy
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
-    assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
+    score, jp, ip, pairs = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
+    assert (jp, ip, pairs) == (2, 3, 1) and score == pytest.approx(0.9)
     # Offset 45 s would put the clip's last window at 50 s, beyond the track's last
     # (45 s): no hypothesis, however strong its pair.
     sims[0, 9] = 0.99
-    assert best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))[1:] == (2, 3)
+    assert best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))[1:3] == (2, 3)
     # Two aligned pairs at one offset (the clip on the index grid: 10 s) average;
     # a lone stronger pair elsewhere beats their mean, not each of them.
     sims[0, 2], sims[10, 3] = 0.97, 0.85  # offset 10 s: evidence 0.94 and 0.70
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
+    score, jp, ip, _ = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
     assert (jp, ip) == (2, 3) and score == pytest.approx(0.9)
     sims[10, 3] = 0.93  # now 0.94 and 0.86: mean 0.90 + a hair
     sims[0, 2] = 0.975
-    score, jp, ip = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
-    assert (jp, ip) == (0, 2) and score == pytest.approx((0.95 + 0.86) / 2)
+    score, jp, ip, pairs = best_hypothesis(sims, clip, track, 0.5, pair_evidence(sims, bg))
+    assert (jp, ip, pairs) == (0, 2, 2) and score == pytest.approx((0.95 + 0.86) / 2)
 
 
 def shifted_peaks(clip: np.ndarray, track: np.ndarray, at: float, bias: np.ndarray) -> np.ndarray:
@@ -258,7 +263,7 @@ def test_refine_offset_reads_every_aligned_window_not_only_the_best_one() -> Non
     sims = shifted_peaks(clip, track, 20.55, bias)
     bg = np.full(len(clip), 0.5)
     evidence = pair_evidence(sims, bg)
-    _score, jp, ip = best_hypothesis(sims, clip, track, 0.5, evidence)
+    _score, jp, ip, _pairs = best_hypothesis(sims, clip, track, 0.5, evidence)
     one = track[ip] - clip[jp]  # the best pair's own reading
     assert abs(one - 20.55) > 0.15
     offset = refine_offset(sims, clip, track, (jp, ip), 0.5, evidence, track_axis=True)
@@ -288,6 +293,7 @@ def test_overlapping_windows_keep_excerpts_above_the_threshold(tmp_path: Path) -
         params = searcher.info["params"]
         assert params["min_score"] is not None and searcher.threshold == params["min_score"]
         assert searcher.options.min_score == searcher.threshold
+        assert searcher.thresholds is None  # 8 tracks: one threshold, whatever the pairs
         rng = np.random.default_rng(8)
         placed = 0
         for i in range(20):
@@ -300,3 +306,32 @@ def test_overlapping_windows_keep_excerpts_above_the_threshold(tmp_path: Path) -
         for i in range(30):
             clip = emb.windows(900 + i, 13.0 + CLIP, track_seconds=60, noise=0.05, noise_seed=i)
             assert searcher.search(clip, CLIP) == [], f"unindexed clip {i} matched"
+
+
+def test_thresholds_by_aligned_pairs_of_a_large_catalogue(tmp_path: Path) -> None:
+    # A clip's score is the mean evidence of its aligned pairs: chance reaches
+    # less with more of them. A catalogue of PAIR_MIN_TRACKS tracks calibrates a
+    # threshold per number of pairs on runs of its own windows; at a 1.25 s hop a
+    # 10 s clip holds 4 indexed windows here. Measured (this catalogue, 300
+    # clips of other music, 100 excerpts at 0.2 noise): other music answered 0
+    # by pairs and 0 at the one-pair threshold, excerpts 92 against 78.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=5, track_share=0.5)
+    build(tmp_path, emb, PAIR_MIN_TRACKS, hop=1.25)
+    with Searcher(tmp_path) as searcher:
+        by_pairs = searcher.thresholds
+        assert by_pairs is not None and by_pairs[0] == searcher.threshold
+        assert list(by_pairs) == sorted(by_pairs, reverse=True) and by_pairs[3] < by_pairs[0]
+        assert searcher.options.pair_thresholds == by_pairs
+        flat = SearchOptions(min_score=searcher.threshold)  # one threshold for all
+        answered = other_music_answered(searcher, emb, 5000, 13.0)
+        assert answered <= 1, f"{answered} of 100 clips of other music answered"
+        rng = np.random.default_rng(8)
+        found = {"pairs": 0, "flat": 0}
+        for i in range(50):
+            t = int(rng.integers(PAIR_MIN_TRACKS))
+            at = float(rng.uniform(0, seconds_of(t) - 10.0))
+            clip = emb.windows(t, at + CLIP, track_seconds=seconds_of(t), noise=0.2, noise_seed=i)
+            for name, opts in (("pairs", None), ("flat", flat)):
+                m = searcher.search(clip, CLIP, options=opts)
+                found[name] += bool(m) and m[0].track == f"track{t}.mp3"
+        assert found["pairs"] >= found["flat"] + 4, found

@@ -266,6 +266,7 @@ def test_index_describes_model_kind_counts_generation(svc, triton):
     assert ix["limits"]["min_clip_seconds"] == 5.0
     # The index's calibrated threshold: what identify's default "no match" means.
     assert MIN_THRESHOLD <= ix["threshold"] <= 1.0
+    assert ix["thresholds_by_pairs"] is None  # a few tracks: one threshold, whatever the pairs
     status, _, health = request("GET", f"{svc.url}/healthz")
     assert status == 200 and health == {"status": "ok"}
     status, _, readiness = request("GET", f"{svc.url}/readyz")
