@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mert_indexer.indexer.hypothesis import best_hypothesis
+from mert_indexer.indexer.hypothesis import best_hypothesis, candidate_tracks
 from mert_indexer.indexer.kinds import ExactIndex, IvfPqIndex
 from mert_indexer.indexer.layout import Layout
 
@@ -166,13 +166,7 @@ def calibrate(
         pos = sample[lo : lo + NULL_BATCH]
         own = run_of(pos)
         q = vectors(pos)
-        ids, other = _other_track_hits(index, q, own, run_of, n)
-        hit_run = run_of(np.maximum(ids, 0))
-        sims = np.full(ids.shape, -np.inf, np.float32)  # exact, also for IVF-PQ hits
-        sims[other] = np.einsum(
-            "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(ids[other])
-        )
-        runs = np.where(other, hit_run, -1)
+        ids, sims, runs = _other_track_sims(index, layout, vectors, q, own)
         first, second = (track_rank_similarity(sims, runs, r) for r in (1, 2))
         # Copy test: the best other window's neighbour against the sample's neighbour.
         best = ids[np.arange(len(pos)), np.argmax(sims, axis=1)]
@@ -258,14 +252,9 @@ def _pair_thresholds(
     firsts, own, lengths = firsts[keep], own[keep], lengths[keep]
     clip_ids = np.concatenate([np.arange(f, f + m) for f, m in zip(firsts, lengths, strict=True)])
     q = vectors(clip_ids)
-    hit_ids, other = _other_track_hits(index, q, np.repeat(own, lengths), run_of, n)
-    sims = np.full(hit_ids.shape, -np.inf, np.float32)
-    sims[other] = np.einsum(
-        "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(hit_ids[other])
-    )
-    runs = np.where(other, run_of(np.maximum(hit_ids, 0)), -1)
+    _, sims, runs = _other_track_sims(index, layout, vectors, q, np.repeat(own, lengths))
     bg = np.maximum(track_rank_similarity(sims, runs, BACKGROUND_RANK), floor)
-    evidence = np.where(other, pair_evidence(sims, bg), 0.0)
+    evidence = np.where(runs >= 0, pair_evidence(sims, bg), 0.0)
     clip_starts = starts(clip_ids).astype(np.float64)
 
     highest = np.full(MAX_PAIRS + 1, -1.0)  # chance's highest score, by aligned pairs
@@ -273,26 +262,20 @@ def _pair_thresholds(
     for length in lengths.tolist():
         at = slice(row, row + length)
         row += length
-        tracks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Per candidate track: the whole run's similarities and evidence, its starts;
+        # each prefix takes its first rows.
+        tracks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for m in range(2, length + 1):
-            hit_runs, hit_ev = runs[at][:m], evidence[at][:m]
-            strongest: dict[int, float] = {}
-            for r, e in zip(
-                hit_runs[hit_ev > 0].tolist(), hit_ev[hit_ev > 0].tolist(), strict=True
-            ):
-                strongest[r] = max(strongest.get(r, 0.0), e)
             cs = clip_starts[at][:m] - clip_starts[at][0]
             hop = float(np.median(np.diff(cs)))
             found = []
-            for r in sorted(strongest, key=lambda t: -strongest[t])[:PAIR_CANDIDATES]:
+            for r in candidate_tracks(runs[at][:m], evidence[at][:m], PAIR_CANDIDATES):
                 if r not in tracks:
                     ids = np.arange(layout.first_ids[r], layout.ends[r])
-                    tracks[r] = (vectors(ids), starts(ids).astype(np.float64))
-                track_vectors, track_starts = tracks[r]
-                s = q[at][:m] @ track_vectors.T
-                found.append(
-                    best_hypothesis(s, cs, track_starts, hop, pair_evidence(s, bg[at][:m]))
-                )
+                    s = q[at] @ vectors(ids).T
+                    tracks[r] = (s, pair_evidence(s, bg[at]), starts(ids).astype(np.float64))
+                s, e, track_starts = tracks[r]
+                found.append(best_hypothesis(s[:m], cs, track_starts, hop, e[:m]))
             chance = sorted((h for h in found if h.score < threshold), key=lambda h: -h.score)
             if chance:
                 p = min(chance[0].pairs, MAX_PAIRS)
@@ -302,6 +285,26 @@ def _pair_thresholds(
         later = highest[p:][highest[p:] >= 0]
         out.append(round(min(threshold, float(later.max())), 4) if len(later) else threshold)
     return tuple(out)
+
+
+def _other_track_sims(
+    index: ExactIndex | IvfPqIndex,
+    layout: Layout,
+    vectors: Callable[[np.ndarray], np.ndarray],
+    q: np.ndarray,
+    own: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, sims, runs) of each row's nearest windows of other tracks (:func:`_other_track_hits`).
+
+    Similarities are exact, also for IVF-PQ hits; ``-inf`` and run ``-1`` where
+    a row has fewer hits.
+    """
+    ids, other = _other_track_hits(index, q, own, layout.run_of, layout.n)
+    sims = np.full(ids.shape, -np.inf, np.float32)
+    sims[other] = np.einsum(
+        "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(ids[other])
+    )
+    return ids, sims, np.where(other, layout.run_of(np.maximum(ids, 0)), -1)
 
 
 def _other_track_hits(

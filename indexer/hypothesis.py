@@ -1,7 +1,7 @@
-"""A clip's best offset in one track: the hypothesis its aligned window pairs support most.
+"""Which tracks a clip may come from, and its best offset in one of them.
 
 Shared by the search (:mod:`mert_indexer.indexer.search`), which verifies
-candidate tracks with it, and by the build's calibration
+candidate tracks with them, and by the build's calibration
 (:mod:`mert_indexer.indexer.calibration`), which scores clips of music the
 catalogue does not hold the same way.
 """
@@ -20,6 +20,19 @@ class Hypothesis(NamedTuple):
     clip_window: int  # the best aligned pair: clip window ...
     track_window: int  # ... and track window (it fixes the offset)
     pairs: int  # aligned pairs: indexed windows the clip holds at this offset
+
+
+def candidate_tracks(runs: np.ndarray, evidence: np.ndarray, n: int) -> list[int]:
+    """The ``n`` tracks with the strongest single hits, best first.
+
+    ``runs`` names each hit's track, ``evidence`` its evidence; hits without
+    evidence (0, also where there is no hit) do not count.
+    """
+    hit = evidence > 0
+    strongest: dict[int, float] = {}
+    for r, e in zip(runs[hit].tolist(), evidence[hit].tolist(), strict=True):
+        strongest[r] = max(strongest.get(r, 0.0), e)
+    return sorted(strongest, key=lambda r: -strongest[r])[:n]
 
 
 def best_hypothesis(

@@ -88,7 +88,7 @@ from mert_indexer.indexer.calibration import (
     pair_evidence,
 )
 from mert_indexer.indexer.generation import INDEX_DIR
-from mert_indexer.indexer.hypothesis import best_hypothesis
+from mert_indexer.indexer.hypothesis import best_hypothesis, candidate_tracks
 from mert_indexer.indexer.loaded import LoadedIndex
 from mert_indexer.indexer.segments import SEGMENTS_DIR
 
@@ -191,16 +191,9 @@ class Searcher:
         bg = background(sims, runs, opts.background_rank, None if opts.min_score is None else floor)
         evidence = np.where(runs >= 0, pair_evidence(sims, bg), 0)
 
-        hit = evidence > 0  # zero wherever the neighbour is not a live window
-        if not hit.any():
-            return []
-        # Candidate tracks: those with the strongest single hits, best first.
-        strongest: dict[int, float] = {}
-        for r, e in zip(runs[hit].tolist(), evidence[hit].tolist(), strict=True):
-            strongest[r] = max(strongest.get(r, 0.0), e)
-        ranked = sorted(strongest, key=lambda r: -strongest[r])[: opts.candidates]
+        # Zero wherever the neighbour is not a live window: no candidates, no match.
         results: list[Match] = []
-        for r in ranked:
+        for r in candidate_tracks(runs, evidence, opts.candidates):
             score, offset, pairs = self._verify(q, starts, bg, r)
             if _answers(opts, score, pairs):
                 results.append(
