@@ -525,6 +525,26 @@ def choose_sets(args: argparse.Namespace) -> Sets:
     return Sets(files, unindexed, "un-indexed = --unindexed" if unindexed else "no un-indexed set")
 
 
+def reference_tracks(index: Path) -> list[Path]:
+    """The files a prebuilt reference index holds (to check them against the un-indexed set)."""
+    from mert_indexer.indexer.catalog import CATALOG_FILE, Catalog
+
+    if not (index / CATALOG_FILE).is_file():
+        raise ConfigError(f"--reference-index {index}: no index store here ({CATALOG_FILE})")
+    catalog = Catalog(index / CATALOG_FILE, read_only=True)
+    try:
+        paths = [Path(t.path) for t in catalog.tracks()]
+    finally:
+        catalog.close()
+    gone = [p for p in paths if not p.is_file()]
+    if gone:
+        raise ConfigError(
+            f"--reference-index {index}: {len(gone)} of its files are gone (e.g. {gone[0]}): "
+            "their audio cannot be checked against the un-indexed set"
+        )
+    return paths
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -562,7 +582,11 @@ def serve(repo: Path) -> Any:
 
 
 def build_index(
-    url: str, files: list[Path], index: Path, hop_seconds: float | None
+    url: str,
+    files: list[Path],
+    index: Path,
+    hop_seconds: float | None,
+    calibrate_with: Path | None = None,
 ) -> dict[str, Any]:
     """The real ``indexer-client`` over the catalogue: the evaluated index is the users' one."""
     exe = Path(sys.executable).parent / "indexer-client"
@@ -571,6 +595,8 @@ def build_index(
     cmd = [str(exe), "--server", url, "--index", str(index), "--no-progress"]
     if hop_seconds is not None:
         cmd += ["--hop-seconds", f"{hop_seconds:g}"]
+    if calibrate_with is not None:
+        cmd += ["--calibrate-with", str(calibrate_with)]
     for f in files:
         cmd += ["--input", str(f)]
     t0 = time.perf_counter()
@@ -714,10 +740,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     check_repository(args.model_repository)
     sets = choose_sets(args)
-    hashes = {p: sha256(p) for p in sets.catalogue + sets.unindexed}
+    reference = audio_files(args.reference, "--reference") if args.reference else []
+    if args.reference_index is not None:
+        reference = reference_tracks(args.reference_index)
+    hashes = {p: sha256(p) for p in sets.catalogue + sets.unindexed + reference}
     shared = {hashes[p] for p in sets.catalogue} & {hashes[p] for p in sets.unindexed}
     if shared:
         raise ConfigError("the same audio file is both in the catalogue and un-indexed")
+    if {hashes[p] for p in reference} & {hashes[p] for p in sets.unindexed}:
+        # The un-indexed clips would be the calibration's own sample: no test of it.
+        raise ConfigError("the same audio file is both in --reference and un-indexed")
     known = degradations()
     unknown = sorted(set(args.only or ()) - {d.name for d in known})
     if unknown:
@@ -733,8 +765,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             contract = pool.connect()
             if contract.model_id.startswith("random-init/"):
                 print(random_init_banner(contract.model_id), file=sys.stderr, flush=True)
-            index = Path(tmp) / "index"
-            built = build_index(server.grpc_url, sets.catalogue, index, args.index_hop)
+            index, reference_index = Path(tmp) / "index", args.reference_index
+            if args.reference is not None:
+                reference_index = Path(tmp) / "reference"
+                build_index(server.grpc_url, reference, reference_index, args.index_hop)
+            built = build_index(
+                server.grpc_url, sets.catalogue, index, args.index_hop, reference_index
+            )
             sr = contract.sample_rate
             catalogue = [Track(p, decode(p, sr)) for p in sets.catalogue]
             unindexed = [Track(p, decode(p, sr)) for p in sets.unindexed]
@@ -772,6 +809,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "sets": sets.how,
         "catalogue": [{"file": p.name, "sha256": hashes[p][:12]} for p in sets.catalogue],
         "unindexed": [{"file": p.name, "sha256": hashes[p][:12]} for p in sets.unindexed],
+        "reference": [{"file": p.name, "sha256": hashes[p][:12]} for p in reference],
         "index": {
             "build": built,
             "kind": info.get("kind"),
@@ -779,6 +817,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "null_similarity": info.get("params", {}).get("null_similarity"),
             "default_min_score": threshold,
             "min_score_by_pairs": info.get("params", {}).get("min_score_by_pairs"),
+            "calibrated_against": info.get("params", {}).get("calibrated_against"),
             "hop_seconds": args.index_hop,  # None: indexer-client's default (the window)
         },
         "query_hop_seconds": args.query_hop,
@@ -819,6 +858,15 @@ def _by_pairs(thresholds: list[float] | None) -> str:
     return f" (by aligned pairs 1-{len(thresholds)}: {shown})"
 
 
+def _against(reference: dict[str, Any] | None) -> str:
+    if not reference:
+        return ""
+    return (
+        f", calibrated also against a reference of {reference['tracks']} other tracks "
+        f"({reference['windows']} windows, never searched)"
+    )
+
+
 def _f(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -844,7 +892,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Index: {idx['windows']} windows ({idx['kind']}, hop "
         f"{'= window' if index_hop is None else f'{index_hop:g} s'}), null similarity "
         f"{_f(idx['null_similarity'], 3)}, default threshold {idx['default_min_score']}"
-        f"{_by_pairs(idx.get('min_score_by_pairs'))}; "
+        f"{_by_pairs(idx.get('min_score_by_pairs'))}"
+        f"{_against(idx.get('calibrated_against'))}; "
         f"built by indexer-client in {idx['build']['seconds']} s. {r['queries_per_cell']} "
         f"excerpts (+ as many un-indexed clips where there are some) per cell, seed {r['seed']}, "
         f"offsets at arbitrary samples (never within {MIN_GRID_DISTANCE} samples of the "
@@ -858,6 +907,16 @@ def markdown(r: dict[str, Any]) -> str:
         + (", ".join(f"{c['file']} ({c['sha256']})" for c in r["unindexed"]) or "none")
         + ".",
         "",
+        *(
+            [
+                "Calibration reference (indexed apart, never searched): "
+                + ", ".join(f"{c['file']} ({c['sha256']})" for c in r["reference"])
+                + ".",
+                "",
+            ]
+            if r.get("reference")
+            else []
+        ),
         (
             "Columns: *rank* = `min_score=None` (best guess, no floor/threshold); *thr* = the "
             "index's default threshold (no match = miss). top-1 ±0.5 s counts answers at a "
@@ -987,6 +1046,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="with --split: which half is indexed; the other is the un-indexed set",
     )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="folder of other music, disjoint from the un-indexed set: indexed apart and "
+        "given to the catalogue's build as indexer-client --calibrate-with",
+    )
+    p.add_argument(
+        "--reference-index",
+        type=Path,
+        help="instead of --reference: an index of other music already built with the same "
+        "model and --index-hop, used as it is",
+    )
     p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="excerpts per cell")
     p.add_argument("--lengths", type=float, nargs="+", default=list(LENGTHS))
@@ -1023,6 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--corpus is required")
     if args.catalogue != "train" and args.split is None:
         parser.error("--catalogue needs --split")
+    if args.reference is not None and args.reference_index is not None:
+        parser.error("--reference and --reference-index exclude each other")
     out = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
     try:
         if args.render:

@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "trained index, retraining only when the catalogue grew 4x or outgrew the exact index)",
     )
     p.add_argument(
+        "--calibrate-with",
+        metavar="INDEX",
+        help="an index of music this catalogue does not hold, embedded by the same model at "
+        "the same hop (indexer-client --input OTHER --index INDEX): the no-match threshold is "
+        "calibrated against it too, from this build on; what a catalogue of one or a few "
+        "tracks needs. Recorded in the index ('none' forgets it)",
+    )
+    p.add_argument(
         "--max-track-hours",
         type=float,
         default=default_of(PipelineOptions, "max_track_seconds") / 3600,
@@ -269,6 +277,10 @@ def run(args: argparse.Namespace) -> RunSummary:
         identity = contract.identity() | {"hop_samples": hop}
         summary = RunSummary()
         with IndexStore.open(args.index, identity, create=True) as store:
+            if args.calibrate_with is not None:
+                wanted = None if args.calibrate_with == "none" else args.calibrate_with
+                if store.set_calibration_reference(wanted):
+                    log.info("no-match calibration against: %s", wanted or "the catalogue alone")
             plan = _plan(store, [c.path for c in files], summary, args.input)
             store.apply(plan)
             summary.unchanged = len(plan.unchanged)

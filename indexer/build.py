@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from mert_indexer.errors import StoreError
-from mert_indexer.indexer.calibration import OVERLAP_TRACKS, calibrate, index_overlap
+from mert_indexer.indexer.calibration import OVERLAP_TRACKS, Windows, calibrate, index_overlap
 from mert_indexer.indexer.generation import (
     FORMAT,
     Generation,
@@ -73,6 +73,7 @@ from mert_indexer.indexer.kinds import (
     prepare,
 )
 from mert_indexer.indexer.layout import Layout, TrackRun
+from mert_indexer.indexer.reference import Reference
 from mert_indexer.indexer.segments import SegmentReader
 from mert_indexer.indexer.similarity import track_index_writer
 
@@ -104,6 +105,7 @@ def build(
     progress: bool = False,
     rebuild: bool = False,
     add: bool = True,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Bring the index of ``index_root`` in step with ``runs``; write a generation, switch to it.
 
@@ -111,7 +113,10 @@ def build(
     :func:`retrain_reason` says so (or ``rebuild``); otherwise adds and removes.
     ``add=False`` (a delete, a compaction): remove and relocate only -- tracks
     the index lacks stay out, nothing is trained unless the live index cannot
-    be updated at all. Returns the new generation's ``info.json``.
+    be updated at all. ``reference``: music the catalogue does not hold, which
+    the no-match calibration measures beside the catalogue's own windows
+    (:func:`mert_indexer.indexer.calibration.calibrate`); a calibration runs
+    again when it changed. Returns the new generation's ``info.json``.
     """
     options = options or IndexOptions()
     t0 = time.perf_counter()
@@ -160,26 +165,33 @@ def build(
     )
     params = built.index.params
     calibrated = int(built.history.get("calibrated_windows", -1))
-    if gen is None or abs(n - calibrated) > RECALIBRATE_CHANGE * max(calibrated, 1):
+    against = reference.describe() if reference is not None else None
+    if (
+        gen is None
+        or abs(n - calibrated) > RECALIBRATE_CHANGE * max(calibrated, 1)
+        or against != built.history.get("calibrated_against")
+    ):
         calibration = calibrate(
             built.index,
-            layout,
-            _vectors(layout, reader, built.mean),
-            _starts(layout, reader),
+            Windows(layout, _vectors(layout, reader, built.mean), _starts(layout, reader)),
             options.seed,
             options.null_quantile,
             _overlap(built.runs, reader, int(identity["window_samples"])),
+            _reference_windows(reference, built.mean),
         )
         params["null_quantile"] = options.null_quantile
         params["null_similarity"] = calibration.null_similarity
         params["min_score"] = calibration.min_score
         params["min_score_by_pairs"] = calibration.pair_thresholds
+        params["calibrated_against"] = against
         built.history["calibrated_windows"] = n
-        if len(built.runs) == 1:
+        built.history["calibrated_against"] = against
+        if len(built.runs) == 1 and against is None:
             log.warning(
                 "%s: one track, no other music to calibrate the no-match threshold against: "
                 "excerpts of a track that repeats itself mostly get no match (index more "
-                "tracks, or rank with --min-score off)",
+                "tracks, calibrate against an index of other music with --calibrate-with, "
+                "or rank with --min-score off)",
                 index_root,
             )
     seconds = round(time.perf_counter() - t0, 3)
@@ -335,7 +347,13 @@ def _incremental(
     )
     history: dict[str, Any] = {
         k: gen.info[k]
-        for k in ("trained_at", "trained_on", "trained_windows", "calibrated_windows")
+        for k in (
+            "trained_at",
+            "trained_on",
+            "trained_windows",
+            "calibrated_windows",
+            "calibrated_against",
+        )
         if k in gen.info
     }
     history |= {
@@ -399,6 +417,16 @@ def _vectors(
         return prepare(reader.gather(segs, rows), mean)
 
     return vectors
+
+
+def _reference_windows(reference: Reference | None, mean: np.ndarray) -> Windows | None:
+    """The reference's windows, prepared as the catalogue's are (centred on its mean)."""
+    if reference is None:
+        return None
+    layout = Layout.of([(r.segment, r.first_row, r.n_windows) for r in reference.runs])
+    return Windows(
+        layout, _vectors(layout, reference.reader, mean), _starts(layout, reference.reader)
+    )
 
 
 def _starts(layout: Layout, reader: SegmentReader) -> Callable[[np.ndarray], np.ndarray]:

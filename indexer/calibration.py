@@ -35,6 +35,19 @@ of its own windows scored as the search scores a clip), which the search
 applies by the pairs of a clip's best offset. Fewer tracks sample too few
 ways for a whole track to resemble another: one threshold then holds.
 
+A *reference* -- another index of music known not to be in the catalogue,
+embedded by the same model at the same hop (``indexer-client
+--calibrate-with``) -- is such music itself: its windows meet the index as
+clips of un-indexed music do, and they calibrate the floor, the threshold and
+(with the catalogue's tracks, from ``PAIR_MIN_TRACKS`` tracks over both) the
+thresholds by pairs beside the catalogue's own windows; the stricter estimate
+holds. It is what a one-track catalogue needs: no statistic of one track says
+how near other music comes (:func:`_within_track_floor`). Measured with the
+stand-in at a 1.25 s hop, against a reference of 257 game-music tracks: 10 s
+excerpts of one freedroidrpg track placed 0.96-0.97 (alone: none), of one
+wesnoth track 1.00 (alone: 0.58-0.65), no clip of other music of either game
+answered (``benchmarks/results/retrieval_standin_one_track*_reference*``).
+
 Both are measured against the ``NULL_NEIGHBOURS`` nearest windows of *other*
 tracks, as a clip of un-indexed music meets them: a window's own track crowds
 its neighbours in an index of overlapping windows, and a floor taken from the
@@ -134,50 +147,135 @@ def pair_evidence(sims: np.ndarray, bg: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Windows:
+    """Stored windows as the calibration reads them: the catalogue's, or a reference's.
+
+    ``vectors(ids)`` gives prepared vectors (centred on the catalogue's mean,
+    normalised), ``starts(ids)`` where the windows start in their track, both
+    by the ids of ``layout``.
+    """
+
+    layout: Layout
+    vectors: Callable[[np.ndarray], np.ndarray]
+    starts: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def tracks(self) -> int:
+        return len(self.layout.first_ids)
+
+
 def calibrate(
     index: ExactIndex | IvfPqIndex,
-    layout: Layout,
-    vectors: Callable[[np.ndarray], np.ndarray],
-    starts: Callable[[np.ndarray], np.ndarray],
+    catalogue: Windows,
     seed: int,
     quantile: float,
     overlap: int = 1,
+    reference: Windows | None = None,
 ) -> Calibration:
     """The catalogue's no-match floor (a ``quantile`` of unrelated best similarities), thresholds.
 
-    ``vectors(ids)`` gives prepared (centred, normalised) stored vectors,
-    ``starts(ids)`` where the windows start in their track; hits
-    are re-scored exactly, also for IVF-PQ. A copy of the same music under
-    another path (another encoding, another album) must not set either: when
-    the best other track also matches the sampled window's neighbour at the
-    same offset, it is taken for a copy and the next track's similarity is used
-    instead. One track: the floor from its own distant windows (``overlap``,
-    window / index hop, says how far apart windows share no audio), no threshold.
+    Unrelated content comes from two places. Each sampled catalogue window,
+    left out of its own track, stands for music the catalogue does not hold;
+    and a ``reference`` (windows of music known not to be in the catalogue,
+    embedded by the same model at the same hop) meets the index exactly as a
+    clip of un-indexed music does. Where both exist, the stricter estimate
+    holds; the thresholds by pairs need ``PAIR_MIN_TRACKS`` tracks sampled
+    over both. Hits are re-scored exactly, also for IVF-PQ. A copy of the same
+    music under another path (another encoding, another album; a reference
+    that holds a catalogue track) must not set either: when the best
+    catalogue track also matches the sampled window's neighbour at the same
+    offset, it is taken for a copy and the next track's similarity is used
+    instead. One track and no reference: the floor from its own distant
+    windows (``overlap``, window / index hop, says how far apart windows
+    share no audio), no threshold.
     """
-    n = layout.n
-    if len(layout.first_ids) < 2:
-        return Calibration(_within_track_floor(layout, vectors, seed, quantile, overlap), None)
-    run_of = layout.run_of
+    sources = []
+    if catalogue.tracks >= 2:
+        sources.append(catalogue)
+    if reference is not None and reference.layout.n:
+        sources.append(reference)
+    if not sources:
+        floor = _within_track_floor(catalogue, seed, quantile, overlap)
+        return Calibration(floor, None)
+    nulls = [_null_sample(index, catalogue, s, s is catalogue, seed) for s in sources]
+    nulls = [(v, loc) for v, loc in nulls if len(v)]
+    if not nulls:
+        return Calibration(None, None)
+    floor = round(max(float(np.quantile(v, quantile)) for v, _ in nulls), 4)
+    chance = max(
+        float(
+            np.quantile(pair_evidence(v[:, None], np.maximum(loc, floor))[:, 0], THRESHOLD_QUANTILE)
+        )
+        for v, loc in nulls
+    )
+    threshold = round(max(MIN_THRESHOLD, chance), 4)
+    if sum(s.tracks for s in sources) < PAIR_MIN_TRACKS:
+        return Calibration(floor, threshold)
+    found = [
+        highest
+        for s in sources
+        if (highest := _pair_chance(index, catalogue, s, s is catalogue, seed, floor, threshold))
+        is not None
+    ]
+    if not found:
+        return Calibration(floor, threshold, None)
+    highest = np.max(found, axis=0)  # over both sources' runs
+    by_pairs = [threshold]
+    for p in range(2, MAX_PAIRS + 1):
+        later = highest[p:][highest[p:] >= 0]
+        by_pairs.append(round(min(threshold, float(later.max())), 4) if len(later) else threshold)
+    return Calibration(floor, threshold, tuple(by_pairs))
+
+
+def _null_sample(
+    index: ExactIndex | IvfPqIndex, catalogue: Windows, queries: Windows, own_track: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(best, background) per sampled window of ``queries``, as un-indexed music meets the index.
+
+    ``best``: the similarity of its best catalogue track, or of the next where
+    the best is a copy; ``background``: the local background it meets (the
+    ``BACKGROUND_RANK``-th track, one further past a copy). ``own_track``:
+    ``queries`` is the catalogue itself, and each window's own track is left
+    out.
+    """
+    layout, run_of = queries.layout, queries.layout.run_of
+    cat = catalogue.layout
     sample = layout.ids_at(  # ids, drawn by position: ids may have gaps (deleted tracks)
-        np.sort(np.random.default_rng(seed + 1).choice(n, size=min(NULL_SAMPLE, n), replace=False))
+        np.sort(
+            np.random.default_rng(seed + 1).choice(
+                layout.n, size=min(NULL_SAMPLE, layout.n), replace=False
+            )
+        )
     )
     values, local = [], []
     for lo in range(0, len(sample), NULL_BATCH):
         pos = sample[lo : lo + NULL_BATCH]
-        own = run_of(pos)
-        q = vectors(pos)
-        ids, sims, runs = _other_track_sims(index, layout, vectors, q, own)
+        own_run = run_of(pos)
+        own = own_run if own_track else np.full(len(pos), -1)
+        q = queries.vectors(pos)
+        ids, sims, runs = _other_track_sims(index, cat, catalogue.vectors, q, own)
         first, second = (track_rank_similarity(sims, runs, r) for r in (1, 2))
         # Copy test: the best other window's neighbour against the sample's neighbour.
         best = ids[np.arange(len(pos)), np.argmax(sims, axis=1)]
-        step = np.where(pos + 1 < layout.ends[own], 1, -1)
+        step = np.where(pos + 1 < layout.ends[own_run], 1, -1)
         nb_own, nb_hit = pos + step, best + step
-        ok = (nb_own >= layout.first_ids[own]) & (nb_own < layout.ends[own]) & np.isfinite(first)
-        hit_own = run_of(best)
-        ok &= (nb_hit >= layout.first_ids[hit_own]) & (nb_hit < layout.ends[hit_own])
+        ok = (nb_own >= layout.first_ids[own_run]) & (nb_own < layout.ends[own_run])
+        ok &= np.isfinite(first)
+        hit_own = cat.run_of(np.maximum(best, 0))
+        ok &= (nb_hit >= cat.first_ids[hit_own]) & (nb_hit < cat.ends[hit_own])
+        # A copy stands out from the next track. Where one track holds every hit,
+        # ``second`` is merely its lowest: the next track is looked for further out,
+        # and without one (a catalogue of one other track) there is no copy to tell.
+        lone = ~((runs >= 0) & (runs != hit_own[:, None])).any(axis=1) & np.isfinite(first)
+        if lone.any():
+            second[lone] = _next_track_sim(index, catalogue, q[lone], own[lone], hit_own[lone])
+        ok &= np.isfinite(second)
         copy = np.zeros(len(pos), bool)
         if ok.any():
-            nb_sims = np.einsum("nd,nd->n", vectors(nb_own[ok]), vectors(nb_hit[ok]))
+            nb_sims = np.einsum(
+                "nd,nd->n", queries.vectors(nb_own[ok]), catalogue.vectors(nb_hit[ok])
+            )
             copy[ok] = nb_sims > second[ok]
         values.append(np.where(copy, second, first))
         # The background such a window meets as a clip of un-indexed music; with
@@ -191,44 +289,37 @@ def calibrate(
         )
     v, loc = np.concatenate(values), np.concatenate(local)
     keep = np.isfinite(v)
-    if not keep.any():
-        return Calibration(None, None)
-    v, loc = v[keep], loc[keep]
-    floor = round(float(np.quantile(v, quantile)), 4)
-    chance = pair_evidence(v[:, None], np.maximum(loc, floor))[:, 0]
-    threshold = round(max(MIN_THRESHOLD, float(np.quantile(chance, THRESHOLD_QUANTILE))), 4)
-    if len(layout.first_ids) < PAIR_MIN_TRACKS:
-        return Calibration(floor, threshold)
-    by_pairs = _pair_thresholds(index, layout, vectors, starts, seed, floor, threshold)
-    return Calibration(floor, threshold, by_pairs)
+    return v[keep], loc[keep]
 
 
-def _pair_thresholds(
+def _pair_chance(
     index: ExactIndex | IvfPqIndex,
-    layout: Layout,
-    vectors: Callable[[np.ndarray], np.ndarray],
-    starts: Callable[[np.ndarray], np.ndarray],
+    catalogue: Windows,
+    queries: Windows,
+    own_track: bool,
     seed: int,
     floor: float,
     threshold: float,
-) -> tuple[float, ...] | None:
-    """The threshold for a clip placed by 1, 2, ... ``MAX_PAIRS`` aligned pairs.
+) -> np.ndarray | None:
+    """What chance scores at 2 .. ``MAX_PAIRS`` aligned pairs: the thresholds by pairs.
 
     A clip's score is the mean evidence of the pairs aligned at its best
     offset, so chance reaches less the more pairs there are (at a 1.25 s index
     hop a 10 s clip holds 6-7 indexed windows). Measured as the search scores
-    a clip: ``PAIR_CLIPS`` runs of up to ``MAX_PAIRS`` consecutive windows of a
-    track, each a clip of music the catalogue does not hold once its own track
-    is left out, are verified against their ``PAIR_CANDIDATES`` strongest other
-    tracks; each prefix's best score counts at its number of aligned pairs. A
+    a clip: ``PAIR_CLIPS`` runs of up to ``MAX_PAIRS`` consecutive windows of
+    ``queries`` (the catalogue, each run's own track left out: ``own_track``;
+    or a reference), each a clip of music the catalogue does not hold, are
+    verified against their ``PAIR_CANDIDATES`` strongest catalogue tracks;
+    each prefix's best score counts at its number of aligned pairs. A
     score at or above the one-pair ``threshold`` is music the catalogue holds
     twice (a shared passage, another version), not chance: the next track's is
-    used. The threshold for ``p`` pairs is the highest chance score at ``p`` or
-    more pairs, never above ``threshold``; ``None`` when no track has two
-    windows.
+    used. Returns chance's highest score by number of pairs (-1: none seen);
+    the threshold for ``p`` pairs is the highest at ``p`` or more pairs, never
+    above ``threshold`` (:func:`calibrate`). ``None`` when no track of
+    ``queries`` has two windows.
 
     Chance at several pairs is mostly a whole track resembling another, so the
-    catalogue samples it once per track: only from ``PAIR_MIN_TRACKS`` tracks
+    runs sample it once per track: only from ``PAIR_MIN_TRACKS`` tracks
     (:func:`calibrate`) is that enough. On seeded synthetic catalogues of
     alike tracks at a 1.25 s hop, clips of other music scored up to 0.31-0.56
     at 4 pairs: with 100 tracks the thresholds were below that and answered
@@ -240,22 +331,26 @@ def _pair_thresholds(
     0.87-0.90 against 0.68-0.76 at the one-pair threshold, judged strictly
     (``benchmarks/results/retrieval_standin_hundreds_hop1.25.md``).
     """
-    run_of = layout.run_of
-    n = layout.n
-    pos = np.sort(np.random.default_rng(seed + 3).choice(n, size=min(PAIR_CLIPS, n), replace=False))
+    layout, cat = queries.layout, catalogue.layout
+    pos = np.sort(
+        np.random.default_rng(seed + 3).choice(
+            layout.n, size=min(PAIR_CLIPS, layout.n), replace=False
+        )
+    )
     firsts = layout.ids_at(pos)
-    own = run_of(firsts)
+    own = layout.run_of(firsts)
     lengths = np.minimum(layout.ends[own] - firsts, MAX_PAIRS)
     keep = lengths >= 2
     if not keep.any():
         return None
     firsts, own, lengths = firsts[keep], own[keep], lengths[keep]
     clip_ids = np.concatenate([np.arange(f, f + m) for f, m in zip(firsts, lengths, strict=True)])
-    q = vectors(clip_ids)
-    _, sims, runs = _other_track_sims(index, layout, vectors, q, np.repeat(own, lengths))
+    q = queries.vectors(clip_ids)
+    left_out = np.repeat(own, lengths) if own_track else np.full(len(clip_ids), -1)
+    _, sims, runs = _other_track_sims(index, cat, catalogue.vectors, q, left_out)
     bg = np.maximum(track_rank_similarity(sims, runs, BACKGROUND_RANK), floor)
     evidence = np.where(runs >= 0, pair_evidence(sims, bg), 0.0)
-    clip_starts = starts(clip_ids).astype(np.float64)
+    clip_starts = queries.starts(clip_ids).astype(np.float64)
 
     highest = np.full(MAX_PAIRS + 1, -1.0)  # chance's highest score, by aligned pairs
     row = 0
@@ -271,20 +366,42 @@ def _pair_thresholds(
             found = []
             for r in candidate_tracks(runs[at][:m], evidence[at][:m], PAIR_CANDIDATES):
                 if r not in tracks:
-                    ids = np.arange(layout.first_ids[r], layout.ends[r])
-                    s = q[at] @ vectors(ids).T
-                    tracks[r] = (s, pair_evidence(s, bg[at]), starts(ids).astype(np.float64))
+                    ids = np.arange(cat.first_ids[r], cat.ends[r])
+                    s = q[at] @ catalogue.vectors(ids).T
+                    tracks[r] = (
+                        s,
+                        pair_evidence(s, bg[at]),
+                        catalogue.starts(ids).astype(np.float64),
+                    )
                 s, e, track_starts = tracks[r]
                 found.append(best_hypothesis(s[:m], cs, track_starts, hop, e[:m]))
             chance = sorted((h for h in found if h.score < threshold), key=lambda h: -h.score)
             if chance:
                 p = min(chance[0].pairs, MAX_PAIRS)
                 highest[p] = max(highest[p], chance[0].score)
-    out = [threshold]
-    for p in range(2, MAX_PAIRS + 1):
-        later = highest[p:][highest[p:] >= 0]
-        out.append(round(min(threshold, float(later.max())), 4) if len(later) else threshold)
-    return tuple(out)
+    return highest
+
+
+def _next_track_sim(
+    index: ExactIndex | IvfPqIndex,
+    catalogue: Windows,
+    q: np.ndarray,
+    own: np.ndarray,
+    best: np.ndarray,
+) -> np.ndarray:
+    """Each row's exact similarity to its nearest window of a track neither ``own`` nor ``best``.
+
+    ``-inf`` where the catalogue holds no such track.
+    """
+    layout = catalogue.layout
+    ids, found = _other_track_hits(
+        index, q, np.stack([own, best], axis=1), layout.run_of, layout.n, k=1
+    )
+    out = np.full(len(q), -np.inf)
+    hit = found[:, 0]
+    if hit.any():
+        out[hit] = np.einsum("nd,nd->n", q[hit], catalogue.vectors(ids[hit, 0]))
+    return out
 
 
 def _other_track_sims(
@@ -299,7 +416,7 @@ def _other_track_sims(
     Similarities are exact, also for IVF-PQ hits; ``-inf`` and run ``-1`` where
     a row has fewer hits.
     """
-    ids, other = _other_track_hits(index, q, own, layout.run_of, layout.n)
+    ids, other = _other_track_hits(index, q, own[:, None], layout.run_of, layout.n)
     sims = np.full(ids.shape, -np.inf, np.float32)
     sims[other] = np.einsum(
         "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(ids[other])
@@ -310,24 +427,27 @@ def _other_track_sims(
 def _other_track_hits(
     index: ExactIndex | IvfPqIndex,
     q: np.ndarray,
-    own: np.ndarray,
+    left_out: np.ndarray,
     run_of: Callable[[np.ndarray], np.ndarray],
     n: int,
+    k: int = NULL_NEIGHBOURS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask): each row's ``NULL_NEIGHBOURS`` nearest windows of other tracks.
+    """(ids, mask): each row's ``k`` nearest windows of tracks other than its ``left_out``.
 
-    What a clip of un-indexed music meets among its neighbours. A window's own
+    ``left_out[row]``: the tracks a row does not count (-1: none). What a clip
+    of un-indexed music meets among its neighbours. A window's own
     track crowds its nearest neighbours (all of them in a catalogue indexed with
     overlapping windows), so rows short of other-track hits are asked again with
     four times the neighbours, until they have enough or hold the whole index.
     """
-    k = min(n, NULL_NEIGHBOURS)
+    k = min(n, k)
     out = np.full((len(q), k), -1, np.int64)
     todo = np.arange(len(q))
     ask = k
     while len(todo):
         _, ids = index.candidates(q[todo], ask)
-        other = (ids >= 0) & (run_of(np.maximum(ids, 0)) != own[todo, None])
+        hit_runs = run_of(np.maximum(ids, 0))
+        other = (ids >= 0) & (hit_runs[:, :, None] != left_out[todo, None, :]).all(axis=2)
         enough = (other.sum(axis=1) >= k) | (ask >= n)
         for row in np.flatnonzero(enough):
             found = ids[row][other[row]][:k]
@@ -338,11 +458,7 @@ def _other_track_hits(
 
 
 def _within_track_floor(
-    layout: Layout,
-    vectors: Callable[[np.ndarray], np.ndarray],
-    seed: int,
-    quantile: float,
-    overlap: int,
+    catalogue: Windows, seed: int, quantile: float, overlap: int
 ) -> float | None:
     """The floor of a one-track catalogue: how alike its own distant windows are.
 
@@ -372,15 +488,17 @@ def _within_track_floor(
     distant pairs (0.74 and 0.62 there) answered 1-2 of 100 for another
     freedroidrpg track at the default hop. Two tracks are enough: each is
     the other's other music (10 s excerpts of two freedroidrpg tracks placed
-    0.98-1.00, no clip of four other tracks answered,
-    ``retrieval_standin_two_tracks_hop1.25.md``).
+    0.97-0.98, no clip of four other tracks answered,
+    ``retrieval_standin_two_tracks_hop1.25.md``), and so is a reference
+    (:func:`calibrate`): music known not to be in the catalogue.
     """
+    layout = catalogue.layout
     n = layout.n
     gap = WITHIN_TRACK_GAP * overlap
     if n <= gap:
         return None
     ids = layout.ids_at(np.arange(n))
-    every = vectors(ids)
+    every = catalogue.vectors(ids)
     rng = np.random.default_rng(seed + 2)
     sample = np.sort(rng.choice(n, size=min(NULL_SAMPLE, n), replace=False))
     best = []

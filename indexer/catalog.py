@@ -44,6 +44,7 @@ from typing import Any
 from mert_indexer.errors import StoreError
 from mert_indexer.indexer import faults
 
+CATALOG_FILE = "catalog.sqlite"  # in the store's folder
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # schema 1 differs only in its paths, which readers take as stored
 
@@ -83,6 +84,15 @@ CREATE VIEW IF NOT EXISTS files AS
     UNION ALL SELECT path, 'duplicate', content_hash FROM duplicates
     UNION ALL SELECT path, 'failed', NULL FROM failures;
 """
+
+
+def identity_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Human-readable ``field: stored != given`` for every differing field of a model identity."""
+    return [
+        f"{key}: {stored.get(key, '<absent>')!r} != {given.get(key, '<absent>')!r}"
+        for key in sorted(set(stored) | set(given))
+        if stored.get(key) != given.get(key)
+    ]
 
 
 def canonical_path(path: str | os.PathLike[str]) -> str:

@@ -18,10 +18,14 @@ per-window arrays of a generation (the norms) are indexed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mert_indexer.indexer.catalog import TrackRow
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,13 @@ class TrackRun:
     segment: int
     first_row: int
     n_windows: int
+
+
+def track_runs(tracks: Iterable[TrackRow]) -> list[TrackRun]:
+    """Catalog tracks as the index build takes them."""
+    return [
+        TrackRun(t.id, t.path, t.sample_rate, t.segment, t.first_row, t.n_windows) for t in tracks
+    ]
 
 
 class Layout:

@@ -63,10 +63,12 @@ import numpy as np
 from mert_indexer.errors import ModelMismatchError, StoreError
 from mert_indexer.indexer import faults
 from mert_indexer.indexer.catalog import (
+    CATALOG_FILE,
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
     Catalog,
     TrackRow,
+    identity_differences,
 )
 from mert_indexer.indexer.generation import INDEX_DIR, current_info
 from mert_indexer.indexer.hashing import HASH_ALGORITHM
@@ -85,7 +87,6 @@ from mert_indexer.indexer.upkeep import IndexUpkeep
 
 log = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.sqlite"
 REQUIRED_IDENTITY = ("embedding_dim", "window_samples", "sample_rate")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -115,15 +116,6 @@ def _canonical(identity: dict[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(identity, sort_keys=True))
     except (TypeError, ValueError) as exc:
         raise StoreError(f"model identity is not JSON-serialisable: {exc}") from exc
-
-
-def identity_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
-    """Human-readable ``field: stored != given`` for every differing field."""
-    return [
-        f"{key}: {stored.get(key, '<absent>')!r} != {given.get(key, '<absent>')!r}"
-        for key in sorted(set(stored) | set(given))
-        if stored.get(key) != given.get(key)
-    ]
 
 
 class IndexStore(IndexUpkeep):

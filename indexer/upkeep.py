@@ -14,7 +14,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from mert_indexer.indexer.catalog import Catalog, TrackRow
 from mert_indexer.indexer.compaction import COMPACT_DEAD_FRACTION
 from mert_indexer.indexer.generation import INDEX_DIR
 from mert_indexer.indexer.kinds import IndexOptions
-from mert_indexer.indexer.layout import TrackRun
+from mert_indexer.indexer.layout import track_runs
+from mert_indexer.indexer.reference import REFERENCE_META, Reference, open_reference
 from mert_indexer.indexer.segments import SEGMENTS_DIR, SegmentReader, SegmentWriter
 from mert_indexer.progress import progress_bar
 
@@ -85,14 +86,8 @@ class IndexUpkeep:
             opts = replace(opts, kind=kind)
         reader = self.reader()
         try:
-            info = build.build(
-                _runs(self.tracks()),
-                reader,
-                self.root / INDEX_DIR,
-                identity=self.identity,
-                options=opts,
-                progress=progress,
-                rebuild=rebuild,
+            info = self._build(
+                self.tracks(), reader, options=opts, progress=progress, rebuild=rebuild
             )
         finally:
             reader.close()
@@ -287,21 +282,67 @@ class IndexUpkeep:
         Closes ``reader`` when done.
         """
         try:
-            return build.build(
-                _runs(tracks),
-                reader,
-                self.root / INDEX_DIR,
-                identity=self.identity,
-                options=options,
-                progress=progress,
-                add=False,
-            )
+            return self._build(tracks, reader, options=options, progress=progress, add=False)
         finally:
             reader.close()
 
+    def _build(self, tracks: list[TrackRow], reader: SegmentReader, **how: Any) -> dict[str, Any]:
+        """:func:`build.build` over ``tracks``, calibrated against the recorded reference."""
+        with self._reference() as reference:
+            return build.build(
+                track_runs(tracks),
+                reader,
+                self.root / INDEX_DIR,
+                identity=self.identity,
+                reference=reference,
+                **how,
+            )
 
-def _runs(tracks: Iterable[TrackRow]) -> list[TrackRun]:
-    """Catalog tracks as the index build takes them."""
-    return [
-        TrackRun(t.id, t.path, t.sample_rate, t.segment, t.first_row, t.n_windows) for t in tracks
-    ]
+    # -- the calibration reference -------------------------------------------
+
+    def calibration_reference(self) -> str | None:
+        """The folder of the store this catalogue's no-match calibration is measured against."""
+        value = self._catalog.get_meta(REFERENCE_META)
+        return str(value) if value else None
+
+    def set_calibration_reference(self, index_dir: str | Path | None) -> bool:
+        """Calibrate against the store at ``index_dir`` from the next build on (``None``: no more).
+
+        The store is checked now (:func:`~mert_indexer.indexer.reference.open_reference`:
+        a store of the same model and hop, not this one, with windows); its
+        absolute path is recorded in the catalog. Returns whether it changed.
+        """
+        self._writable()
+        value = None
+        if index_dir is not None:
+            with open_reference(index_dir, self.identity, self.root) as reference:
+                value = reference.index
+        if value == self.calibration_reference():
+            return False
+        with self._catalog.transaction() as tx:
+            tx.set_meta(REFERENCE_META, value)
+        return True
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[Reference | None]:
+        """The recorded reference for one build; ``None`` when there is none or it cannot be read.
+
+        A build never fails for its reference (a delete must go through): it
+        calibrates without it and says so.
+        """
+        recorded = self.calibration_reference()
+        with contextlib.ExitStack() as stack:
+            reference = None
+            if recorded is not None:
+                try:
+                    reference = stack.enter_context(
+                        open_reference(recorded, self.identity, self.root)
+                    )
+                except (StoreError, OSError) as exc:
+                    log.warning(
+                        "%s: calibrating without the recorded reference: %s "
+                        "(indexer-client --calibrate-with NEW, or none)",
+                        self.root,
+                        exc,
+                    )
+            yield reference

@@ -60,6 +60,12 @@ class Limits(BaseModel):
     max_top: int
 
 
+class CalibrationReference(BaseModel):
+    index: str = Field(description="its folder")
+    tracks: int
+    windows: int
+
+
 class IndexOut(BaseModel):
     generation: str
     kind: str = Field(description="exact or ivfpq")
@@ -76,6 +82,10 @@ class IndexOut(BaseModel):
         description="the index's own thresholds for a clip placed by 1, 2, ... aligned window "
         "pairs (the last for more), calibrated on catalogues of hundreds of tracks; null: "
         "threshold whatever the pairs"
+    )
+    calibrated_against: CalibrationReference | None = Field(
+        description="the index of other music the thresholds were also calibrated against "
+        "(indexer-client --calibrate-with); null: the catalogue's own windows alone"
     )
     limits: Limits
 

@@ -176,6 +176,7 @@ def index(request: Request) -> dict[str, Any]:
         "model": live.searcher.identity,
         "threshold": live.searcher.threshold,
         "thresholds_by_pairs": live.searcher.thresholds,
+        "calibrated_against": info.get("params", {}).get("calibrated_against"),
         "limits": {
             "max_upload_bytes": service.options.max_upload_bytes,
             "max_clip_seconds": query.max_clip_seconds,

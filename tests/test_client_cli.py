@@ -124,16 +124,8 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
     (folder / "dir.mp3").mkdir()
     weird = os.fsdecode(b"caf\xe9 \xff.wav")  # not UTF-8: surrogate escapes in Python
     shutil.copy(catalogue[0], folder / weird)
-    proc = run_cli(
-        "indexer-client",
-        "--server",
-        triton.grpc_url,
-        "--input",
-        str(folder),
-        "--index",
-        str(tmp_path / "idx"),
-        "--no-progress",
-    )
+    run = ("indexer-client", "--server", triton.grpc_url, "--input", str(folder), "--no-progress")
+    proc = run_cli(*run, "--index", str(tmp_path / "idx"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert "indexed 1 track(s)" in proc.stdout
@@ -145,6 +137,15 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
     assert "caf\\xe9 \\xff.wav" in err  # escaped, not crashed on
     assert "one track, no other music to calibrate the no-match threshold against" in err
     assert "tracks/hour" in proc.stdout and "h of audio" in proc.stdout
+    # A calibration reference that is no index: one line, nothing indexed or lost.
+    proc = run_cli(
+        *run, "--index", str(tmp_path / "idx"), "--calibrate-with", str(tmp_path / "nowhere")
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"indexer-client: error: {tmp_path / 'nowhere'}: the calibration reference is no "
+        "index store (catalog.sqlite missing)"
+    )
 
 
 def test_bad_flag_combinations_are_rejected():

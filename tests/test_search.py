@@ -9,12 +9,14 @@ Clips are windowed as the client windows them: 10 s, 0.5 s hop, 11 windows.
 from __future__ import annotations
 
 import itertools
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mert_indexer.errors import QueryError
+from mert_indexer.errors import QueryError, StoreError
 from mert_indexer.indexer.calibration import PAIR_MIN_TRACKS, pair_evidence
 from mert_indexer.indexer.hypothesis import best_hypothesis
 from mert_indexer.indexer.kinds import IndexOptions
@@ -40,11 +42,22 @@ def seconds_of(track: int) -> float:
 
 
 def build(
-    root: Path, emb: SyntheticEmbedder, n_tracks: int, hop: float | None = None, **options: object
+    root: Path,
+    emb: SyntheticEmbedder,
+    n_tracks: int,
+    hop: float | None = None,
+    first: int = 0,
+    reference: Path | None = None,
+    **options: object,
 ) -> None:
-    """Index ``n_tracks`` synthetic tracks, as the client does, or every ``hop`` seconds."""
+    """Index synthetic tracks ``first``, ... as the client does, or every ``hop`` seconds.
+
+    ``reference``: the store to calibrate against (``indexer-client --calibrate-with``).
+    """
     with IndexStore.open(root, IDENTITY, create=True) as store:
-        for t in range(n_tracks):
+        if reference is not None:
+            store.set_calibration_reference(reference)
+        for t in range(first, first + n_tracks):
             if hop is None:
                 n, starts, x = indexed_track(emb, t, seconds_of(t), SR)
             else:  # overlapping windows (indexer-client --hop-seconds)
@@ -73,6 +86,18 @@ def other_music_answered(searcher: Searcher, emb: SyntheticEmbedder, first: int,
         )
         for i in range(100)
     )
+
+
+def excerpts_placed(searcher: Searcher, emb: SyntheticEmbedder) -> int:
+    """How many of 20 noisy 10 s excerpts of track 0 are answered within 0.5 s."""
+    rng = np.random.default_rng(3)
+    found = 0
+    for i in range(20):
+        at = float(rng.uniform(0, seconds_of(0) - 10.0))
+        clip = emb.windows(0, at + CLIP, track_seconds=seconds_of(0), noise=0.05, noise_seed=i)
+        m = searcher.search(clip, CLIP)
+        found += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
+    return found
 
 
 @pytest.fixture(scope="module", params=[0.0, 8.0], ids=["separated", "untrained-like"])
@@ -207,14 +232,65 @@ def test_one_track_catalogue_rejects_other_music(
     with Searcher(tmp_path) as searcher:
         matched = other_music_answered(searcher, emb, 500, 11.0)
         assert matched <= 1, f"{matched} of 100 clips of other music matched the one track"
-        rng = np.random.default_rng(3)
-        found = 0
-        for i in range(20):
-            at = float(rng.uniform(0, seconds_of(0) - 10.0))
-            clip = emb.windows(0, at + CLIP, track_seconds=seconds_of(0), noise=0.05, noise_seed=i)
-            m = searcher.search(clip, CLIP)
-            found += bool(m) and abs(m[0].offset_seconds - at) <= 0.5
+        found = excerpts_placed(searcher, emb)
         assert found >= 18, f"only {found} of 20 excerpts of the indexed track found"
+
+
+@pytest.mark.parametrize("offset", [0.0, 8.0], ids=["separated", "untrained-like"])
+def test_two_track_catalogue_rejects_other_music(tmp_path: Path, offset: float) -> None:
+    # Left out of its own track, each sampled window meets one other track only:
+    # there is no next track to tell a copy by. Taking its lowest hit for one set
+    # the floor from the lowest similarities (-0.40 here) and 74 of 100 clips of
+    # other music were answered.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=17, offset=offset)
+    build(tmp_path, emb, 2, hop=1.25)
+    with Searcher(tmp_path) as searcher:
+        assert searcher.info["params"]["null_similarity"] > 0.3
+        matched = other_music_answered(searcher, emb, 500, 11.0)
+        assert matched <= 1, f"{matched} of 100 clips of other music matched two tracks"
+
+
+@pytest.mark.parametrize("offset", [0.0, 8.0], ids=["separated", "untrained-like"])
+def test_one_track_catalogue_calibrated_against_a_reference(tmp_path: Path, offset: float) -> None:
+    # A reference (other music, its own store, never searched) gives a one-track
+    # catalogue what its own windows cannot: how near other music comes. Clips
+    # of music in neither are rejected, excerpts are found, and the reference
+    # is recorded: later builds (adds, deletes) calibrate against it again.
+    emb = SyntheticEmbedder(dim=DIM, latent_dim=16, seed=17, offset=offset)
+    build(tmp_path / "reference", emb, 30, hop=1.25, first=1)
+    build(tmp_path / "one", emb, 1, hop=1.25, reference=tmp_path / "reference")
+    with Searcher(tmp_path / "one") as searcher:
+        params = searcher.info["params"]
+        assert params["calibrated_against"] == {
+            "index": str(tmp_path / "reference"),
+            "tracks": 30,
+            "windows": searcher.info["params"]["calibrated_against"]["windows"],
+        }
+        assert params["min_score"] is not None and params["min_score_by_pairs"] is None
+        matched = other_music_answered(searcher, emb, 500, 11.0)
+        assert matched <= 1, f"{matched} of 100 clips of other music matched the one track"
+        found = excerpts_placed(searcher, emb)
+        assert found >= 19, f"only {found} of 20 excerpts of the indexed track found"
+    with IndexStore.open(tmp_path / "one", IDENTITY, create=False) as store:
+        assert store.calibration_reference() == str(tmp_path / "reference")
+        # Another model's store, the catalogue itself, a folder without a store: refused.
+        other = synthetic_identity(DIM + 1, SR)
+        IndexStore.open(tmp_path / "other", other, create=True).close()
+        for bad, says in (
+            (tmp_path / "other", "another model or at another hop (embedding_dim: 33 != 32"),
+            (tmp_path / "one", "is the catalogue itself"),
+            (tmp_path / "nowhere", "is no index store"),
+        ):
+            with pytest.raises(StoreError, match=re.escape(says)):
+                store.set_calibration_reference(bad)
+        assert store.calibration_reference() == str(tmp_path / "reference")
+        # The reference gone: the next build warns and calibrates without it.
+        shutil.rmtree(tmp_path / "reference")
+        store.build_index(rebuild=True)
+        with Searcher(tmp_path / "one") as searcher:
+            assert searcher.info["params"]["calibrated_against"] is None
+        assert store.set_calibration_reference(None)
+        assert store.calibration_reference() is None
 
 
 def test_best_hypothesis_scores_aligned_pairs_and_keeps_the_clip_inside_the_track() -> None:

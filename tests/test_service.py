@@ -267,6 +267,7 @@ def test_index_describes_model_kind_counts_generation(svc, triton):
     # The index's calibrated threshold: what identify's default "no match" means.
     assert MIN_THRESHOLD <= ix["threshold"] <= 1.0
     assert ix["thresholds_by_pairs"] is None  # a few tracks: one threshold, whatever the pairs
+    assert ix["calibrated_against"] is None  # no reference: the catalogue's own windows alone
     status, _, health = request("GET", f"{svc.url}/healthz")
     assert status == 200 and health == {"status": "ok"}
     status, _, readiness = request("GET", f"{svc.url}/readyz")
