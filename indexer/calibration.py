@@ -198,7 +198,7 @@ def calibrate(
     if not sources:
         floor = _within_track_floor(catalogue, seed, quantile, overlap)
         return Calibration(floor, None)
-    nulls = [_null_sample(index, catalogue, s, s is catalogue, seed) for s in sources]
+    nulls = [_null_sample(index, catalogue, s, seed) for s in sources]
     nulls = [(v, loc) for v, loc in nulls if len(v)]
     if not nulls:
         return Calibration(None, None)
@@ -215,8 +215,7 @@ def calibrate(
     found = [
         highest
         for s in sources
-        if (highest := _pair_chance(index, catalogue, s, s is catalogue, seed, floor, threshold))
-        is not None
+        if (highest := _pair_chance(index, catalogue, s, seed, floor, threshold)) is not None
     ]
     if not found:
         return Calibration(floor, threshold, None)
@@ -228,33 +227,32 @@ def calibrate(
     return Calibration(floor, threshold, tuple(by_pairs))
 
 
+def _sample_ids(layout: Layout, size: int, seed: int) -> np.ndarray:
+    """A seeded draw of up to ``size`` ids, in id order, drawn by position (ids may have gaps)."""
+    rng = np.random.default_rng(seed)
+    return layout.ids_at(np.sort(rng.choice(layout.n, size=min(size, layout.n), replace=False)))
+
+
 def _null_sample(
-    index: ExactIndex | IvfPqIndex, catalogue: Windows, queries: Windows, own_track: bool, seed: int
+    index: ExactIndex | IvfPqIndex, catalogue: Windows, queries: Windows, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(best, background) per sampled window of ``queries``, as un-indexed music meets the index.
 
     ``best``: the similarity of its best catalogue track, or of the next where
     the best is a copy; ``background``: the local background it meets (the
-    ``BACKGROUND_RANK``-th track, one further past a copy). ``own_track``:
-    ``queries`` is the catalogue itself, and each window's own track is left
-    out.
+    ``BACKGROUND_RANK``-th track, one further past a copy). Where ``queries``
+    is the catalogue itself, each window's own track is left out.
     """
     layout, run_of = queries.layout, queries.layout.run_of
     cat = catalogue.layout
-    sample = layout.ids_at(  # ids, drawn by position: ids may have gaps (deleted tracks)
-        np.sort(
-            np.random.default_rng(seed + 1).choice(
-                layout.n, size=min(NULL_SAMPLE, layout.n), replace=False
-            )
-        )
-    )
+    sample = _sample_ids(layout, NULL_SAMPLE, seed + 1)
     values, local = [], []
     for lo in range(0, len(sample), NULL_BATCH):
         pos = sample[lo : lo + NULL_BATCH]
         own_run = run_of(pos)
-        own = own_run if own_track else np.full(len(pos), -1)
+        own = own_run if queries is catalogue else np.full(len(pos), -1)
         q = queries.vectors(pos)
-        ids, sims, runs = _other_track_sims(index, cat, catalogue.vectors, q, own)
+        ids, sims, runs = _other_track_sims(index, catalogue, q, own)
         first, second = (track_rank_similarity(sims, runs, r) for r in (1, 2))
         # Copy test: the best other window's neighbour against the sample's neighbour.
         best = ids[np.arange(len(pos)), np.argmax(sims, axis=1)]
@@ -296,7 +294,6 @@ def _pair_chance(
     index: ExactIndex | IvfPqIndex,
     catalogue: Windows,
     queries: Windows,
-    own_track: bool,
     seed: int,
     floor: float,
     threshold: float,
@@ -307,8 +304,8 @@ def _pair_chance(
     offset, so chance reaches less the more pairs there are (at a 1.25 s index
     hop a 10 s clip holds 6-7 indexed windows). Measured as the search scores
     a clip: ``PAIR_CLIPS`` runs of up to ``MAX_PAIRS`` consecutive windows of
-    ``queries`` (the catalogue, each run's own track left out: ``own_track``;
-    or a reference), each a clip of music the catalogue does not hold, are
+    ``queries`` (the catalogue, each run's own track left out; or a
+    reference), each a clip of music the catalogue does not hold, are
     verified against their ``PAIR_CANDIDATES`` strongest catalogue tracks;
     each prefix's best score counts at its number of aligned pairs. A
     score at or above the one-pair ``threshold`` is music the catalogue holds
@@ -332,12 +329,7 @@ def _pair_chance(
     (``benchmarks/results/retrieval_standin_hundreds_hop1.25.md``).
     """
     layout, cat = queries.layout, catalogue.layout
-    pos = np.sort(
-        np.random.default_rng(seed + 3).choice(
-            layout.n, size=min(PAIR_CLIPS, layout.n), replace=False
-        )
-    )
-    firsts = layout.ids_at(pos)
+    firsts = _sample_ids(layout, PAIR_CLIPS, seed + 3)
     own = layout.run_of(firsts)
     lengths = np.minimum(layout.ends[own] - firsts, MAX_PAIRS)
     keep = lengths >= 2
@@ -346,8 +338,8 @@ def _pair_chance(
     firsts, own, lengths = firsts[keep], own[keep], lengths[keep]
     clip_ids = np.concatenate([np.arange(f, f + m) for f, m in zip(firsts, lengths, strict=True)])
     q = queries.vectors(clip_ids)
-    left_out = np.repeat(own, lengths) if own_track else np.full(len(clip_ids), -1)
-    _, sims, runs = _other_track_sims(index, cat, catalogue.vectors, q, left_out)
+    left_out = np.repeat(own, lengths) if queries is catalogue else np.full(len(clip_ids), -1)
+    _, sims, runs = _other_track_sims(index, catalogue, q, left_out)
     bg = np.maximum(track_rank_similarity(sims, runs, BACKGROUND_RANK), floor)
     evidence = np.where(runs >= 0, pair_evidence(sims, bg), 0.0)
     clip_starts = queries.starts(clip_ids).astype(np.float64)
@@ -405,21 +397,18 @@ def _next_track_sim(
 
 
 def _other_track_sims(
-    index: ExactIndex | IvfPqIndex,
-    layout: Layout,
-    vectors: Callable[[np.ndarray], np.ndarray],
-    q: np.ndarray,
-    own: np.ndarray,
+    index: ExactIndex | IvfPqIndex, catalogue: Windows, q: np.ndarray, own: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, sims, runs) of each row's nearest windows of other tracks (:func:`_other_track_hits`).
 
     Similarities are exact, also for IVF-PQ hits; ``-inf`` and run ``-1`` where
     a row has fewer hits.
     """
+    layout = catalogue.layout
     ids, other = _other_track_hits(index, q, own[:, None], layout.run_of, layout.n)
     sims = np.full(ids.shape, -np.inf, np.float32)
     sims[other] = np.einsum(
-        "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), vectors(ids[other])
+        "nd,nd->n", np.repeat(q, other.sum(axis=1), axis=0), catalogue.vectors(ids[other])
     )
     return ids, sims, np.where(other, layout.run_of(np.maximum(ids, 0)), -1)
 
