@@ -137,9 +137,19 @@ def test_health_and_prometheus_metrics_answer(triton):
     contract = triton.models[0].contract
     with client(triton) as c:
         infer(c, windows(3, contract), contract)
-        inferences, executions = stats(c)
-    with urllib.request.urlopen(triton.metrics_url, timeout=5) as r:
-        text = r.read().decode()
+        # The server is shared by the session: requests that other tests left in
+        # flight may complete between two reads. Compare a metrics page with
+        # the statistics only when they are the same before and after it.
+        for _ in range(50):
+            before = stats(c)
+            with urllib.request.urlopen(triton.metrics_url, timeout=5) as r:
+                text = r.read().decode()
+            if stats(c) == before:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server never stopped serving other requests for a metrics read")
+        inferences, executions = before
 
     def metric(name: str) -> float:
         m = re.search(rf'^{name}{{model="{MODEL}",version="1"}} (\S+)$', text, re.MULTILINE)
