@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> RunSummary:
+    from mert_indexer.indexer.reference import NO_REFERENCE
     from mert_indexer.indexer.store import IndexStore
 
     started = time.monotonic()
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         summary = RunSummary()
         with IndexStore.open(args.index, identity, create=True) as store:
             if args.calibrate_with is not None:
-                wanted = None if args.calibrate_with == "none" else args.calibrate_with
+                wanted = None if args.calibrate_with == NO_REFERENCE else args.calibrate_with
                 if store.set_calibration_reference(wanted):
                     log.info("no-match calibration against: %s", wanted or "the catalogue alone")
             plan = _plan(store, [c.path for c in files], summary, args.input)

@@ -48,6 +48,20 @@ CATALOG_FILE = "catalog.sqlite"  # in the store's folder
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # schema 1 differs only in its paths, which readers take as stored
 
+
+def existing_catalog(root: Path, role: str = "") -> Path:
+    """The catalog file of the store at ``root``; :class:`StoreError` naming ``root`` if absent.
+
+    ``role`` says what the folder was given as, e.g. "the calibration reference".
+    """
+    path = root / CATALOG_FILE
+    if not path.exists():
+        raise StoreError(
+            f"{root}: {role + ' is ' if role else ''}no index store here ({CATALOG_FILE} missing)"
+        )
+    return path
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS segments (id INTEGER PRIMARY KEY, rows INTEGER NOT NULL);

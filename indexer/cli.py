@@ -37,6 +37,12 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-build", action="store_true", help="merge the stores only")
     parser.add_argument(
+        "--calibrate-with",
+        metavar="INDEX",
+        help="the calibration reference DEST records (as indexer-client --calibrate-with; "
+        "'none' forgets it); default: the one the sources record, where they agree",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=sys.stderr.isatty(),
@@ -52,7 +58,12 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = merge_stores(
-            args.sources, args.dest, build=not args.no_build, kind=args.kind, progress=args.progress
+            args.sources,
+            args.dest,
+            build=not args.no_build,
+            kind=args.kind,
+            progress=args.progress,
+            calibrate_with=args.calibrate_with,
         )
     except KeyboardInterrupt:
         print(
@@ -72,6 +83,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
             "entries_removed",
             "duplicates",
             "failures",
+            "calibration_reference",
         )
     }
     summary["index"] = {k: index[k] for k in ("kind", "n_vectors", "bytes") if k in index} or None

@@ -14,7 +14,9 @@ still being written is copied as of one commit, never half of one. Vectors are
 copied segment by segment in commits of bounded size, so a merge never holds a
 shard in memory; only live rows are copied, which makes
 ``merge_stores([store], new_dir)`` a compaction. An interrupted merge leaves
-a destination that the next merge completes.
+a destination that the next merge completes. The sources' calibration
+reference (:mod:`mert_indexer.indexer.reference`) is carried over, so the
+merged index's no-match threshold is measured as each shard's was.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mert_indexer.indexer import faults
 from mert_indexer.indexer.catalog import TrackRow
 from mert_indexer.indexer.kinds import IndexOptions
 from mert_indexer.indexer.plan import IngestPlan, PendingFile
+from mert_indexer.indexer.reference import NO_REFERENCE, open_reference
 from mert_indexer.indexer.store import IndexStore, StoreSnapshot, identity_differences
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,17 @@ def merge_stores(
     kind: str = "auto",
     options: IndexOptions | None = None,
     progress: bool = False,
+    calibrate_with: str | Path | None = None,
 ) -> dict[str, Any]:
     """Make ``dest`` (made if absent) mirror the source stores, and build its index.
 
+    ``calibrate_with``: the calibration reference ``dest`` records (a store's
+    folder, or ``"none"`` to forget it), as ``indexer-client --calibrate-with``;
+    by default the sources' own is carried over (:func:`_carry_reference`).
     Raises :class:`ModelMismatchError` when the sources (or an existing
-    ``dest``) were built by different models, naming the store and the fields.
+    ``dest``) were built by different models, naming the store and the fields,
+    and :class:`StoreError` for a ``calibrate_with`` that cannot serve, before
+    ``dest`` is touched.
     """
     if not sources:
         raise StoreError("merge: no source stores given")
@@ -71,11 +80,20 @@ def merge_stores(
                 raise ModelMismatchError(
                     f"{other.root}: built by another model than {first.root} ({'; '.join(diffs)})"
                 )
+        explicit = None if calibrate_with in (None, NO_REFERENCE) else calibrate_with
+        if explicit is not None:  # checked before dest is made or changed
+            with open_reference(explicit, first.identity, dest.resolve()):
+                pass
         snaps = [(s.root, stack.enter_context(s.snapshot())) for s in stores]
         wanted = _wanted(snaps)
         with IndexStore.open(dest, first.identity, create=True) as out:
+            if calibrate_with is None:
+                _carry_reference(stores, out)
+            else:
+                out.set_calibration_reference(explicit)
             counts = _sync(wanted, out)
             counts["sources"] = len(stores)
+            counts["calibration_reference"] = out.calibration_reference()
             counts["index"] = (
                 out.build_index(kind=kind, options=options, progress=progress) if build else None
             )
@@ -84,6 +102,31 @@ def merge_stores(
             }
     counts["dest"] = str(dest)
     return counts
+
+
+def _carry_reference(stores: list[IndexStore], out: IndexStore) -> None:
+    """Record the sources' calibration reference on ``out``.
+
+    Shards of one catalogue are calibrated against one reference
+    (``indexer-client --calibrate-with``), and so is their merge. Sources that
+    record none leave the destination's own setting alone; sources that record
+    different ones, or a reference that cannot serve the destination (gone,
+    another model, the destination itself), leave it too, with a warning: the
+    merge goes through, and ``--calibrate-with`` on the destination decides.
+    """
+    recorded = sorted({r for s in stores if (r := s.calibration_reference()) is not None})
+    if len(recorded) > 1:
+        log.warning(
+            "merge: the sources are calibrated against different references (%s); %s keeps "
+            "its own (choose one with indexer-merge --calibrate-with)",
+            ", ".join(recorded),
+            out.root,
+        )
+    elif recorded:
+        try:
+            out.set_calibration_reference(recorded[0])
+        except StoreError as exc:
+            log.warning("merge: the sources' reference is not carried to %s: %s", out.root, exc)
 
 
 @dataclass

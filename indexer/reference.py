@@ -22,11 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from mert_indexer.errors import StoreError
-from mert_indexer.indexer.catalog import CATALOG_FILE, Catalog, identity_differences
+from mert_indexer.indexer.catalog import (
+    CATALOG_FILE,
+    Catalog,
+    existing_catalog,
+    identity_differences,
+)
 from mert_indexer.indexer.layout import TrackRun, track_runs
 from mert_indexer.indexer.segments import SEGMENTS_DIR, SegmentReader
 
 REFERENCE_META = "calibration_reference"  # catalog meta key: the reference's folder, or absent
+NO_REFERENCE = "none"  # what --calibrate-with takes to forget the reference
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,7 @@ def open_reference(
     """
     root = Path(os.path.abspath(index_dir))
     what = f"{root}: the calibration reference"
-    if not (root / CATALOG_FILE).exists():
-        raise StoreError(f"{what} is no index store ({CATALOG_FILE} missing)")
+    existing_catalog(root, "the calibration reference")
     own = catalogue_root / CATALOG_FILE
     if own.exists() and os.path.samefile(root / CATALOG_FILE, own):
         raise StoreError(

@@ -412,16 +412,13 @@ class TrackFinder:
     @classmethod
     def open(cls, index_dir: str | Path, *, use_gpu: bool | None = None) -> TrackFinder:
         """Load the live generation of the store at ``index_dir`` and its catalog's hashes."""
-        from mert_indexer.indexer.catalog import Catalog
+        from mert_indexer.indexer.catalog import Catalog, existing_catalog
         from mert_indexer.indexer.generation import INDEX_DIR
         from mert_indexer.indexer.loaded import LoadedIndex
         from mert_indexer.indexer.segments import SEGMENTS_DIR
-        from mert_indexer.indexer.store import CATALOG_FILE
 
         root = Path(index_dir)
-        if not (root / CATALOG_FILE).exists():
-            raise StoreError(f"{root}: no index store here ({CATALOG_FILE} missing)")
-        catalog = Catalog(root / CATALOG_FILE, read_only=True)
+        catalog = Catalog(existing_catalog(root), read_only=True)
         try:
             rows = catalog.tracks()
             dups = catalog.duplicates()

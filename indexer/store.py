@@ -68,6 +68,7 @@ from mert_indexer.indexer.catalog import (
     SCHEMA_VERSION,
     Catalog,
     TrackRow,
+    existing_catalog,
     identity_differences,
 )
 from mert_indexer.indexer.generation import INDEX_DIR, current_info
@@ -178,9 +179,9 @@ class IndexStore(IndexUpkeep):
             missing = [k for k in REQUIRED_IDENTITY if k not in identity]
             if missing:
                 raise StoreError(f"{root}: model identity lacks {', '.join(missing)}")
-        if not catalog_path.exists():
-            if not create:
-                raise StoreError(f"{root}: no index store here ({CATALOG_FILE} missing)")
+        if not create:
+            existing_catalog(root)  # StoreError when there is no store here
+        elif not catalog_path.exists():
             if identity is None or read_only:
                 raise StoreError(
                     f"{root}: creating a store needs the model identity and write access"

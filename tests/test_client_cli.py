@@ -144,7 +144,7 @@ def test_summary_names_every_problem_and_exits_non_zero(triton, catalogue, tmp_p
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"indexer-client: error: {tmp_path / 'nowhere'}: the calibration reference is no "
-        "index store (catalog.sqlite missing)"
+        "index store here (catalog.sqlite missing)"
     )
 
 

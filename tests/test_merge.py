@@ -152,3 +152,50 @@ def test_merge_reads_each_source_as_of_one_snapshot(
     with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
         paths = {t.path for t in merged.tracks()}
     assert files[0] not in paths and str(tmp_path / "music" / "track40.mp3") in paths
+
+
+def reference_store(folder: Path, music: Path, start: int) -> Path:
+    """A store of other music, as a calibration reference (indexer-client --calibrate-with)."""
+    with IndexStore.open(folder, IDENTITY, create=True) as store:
+        index_files(store, make_files(music, 4, start=start))
+    return folder
+
+
+def test_merge_carries_the_sources_calibration_reference(
+    shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Shards of one catalogue are calibrated against one reference, and so is their merge:
+    # the merged index's no-match threshold is measured against it too.
+    _, a, b = shards
+    ref = reference_store(tmp_path / "reference", tmp_path / "other", 60)
+    for shard in (a, b):
+        with IndexStore.open(shard, IDENTITY, create=True) as store:
+            store.set_calibration_reference(ref)
+    result = merge_stores([a, b], tmp_path / "merged")
+    assert result["calibration_reference"] == str(ref)
+    with Searcher(tmp_path / "merged") as searcher:
+        assert searcher.info["params"]["calibrated_against"]["index"] == str(ref)
+        assert searcher.info["params"]["calibrated_against"]["tracks"] == 4
+
+    # Sources that disagree leave the destination's own setting, with a warning.
+    other = reference_store(tmp_path / "reference2", tmp_path / "other2", 70)
+    with IndexStore.open(b, IDENTITY, create=True) as store:
+        store.set_calibration_reference(other)
+    merge_stores([a, b], tmp_path / "merged")
+    assert "calibrated against different references" in caplog.text
+    with IndexStore.open(tmp_path / "merged", None, create=False) as merged:
+        assert merged.calibration_reference() == str(ref)
+
+    # Chosen on the command line: set, forgotten, or refused before DEST is made.
+    args = [str(a), str(b), "--no-progress"]
+    assert merge_main([str(tmp_path / "merged"), *args, "--calibrate-with", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration_reference"] == str(other)
+    assert merge_main([str(tmp_path / "merged"), *args, "--calibrate-with", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration_reference"] is None
+    with Searcher(tmp_path / "merged") as searcher:
+        assert searcher.info["params"]["calibrated_against"] is None
+    fresh = tmp_path / "fresh"
+    assert merge_main([str(fresh), *args, "--calibrate-with", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere: the calibration reference is no index store" in err[0]
+    assert not fresh.exists()
