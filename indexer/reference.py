@@ -63,14 +63,15 @@ def open_reference(
     another hop than ``identity`` says.
     """
     root = Path(os.path.abspath(index_dir))
-    what = f"{root}: the calibration reference"
-    existing_catalog(root, "the calibration reference")
+    role = "the calibration reference"
+    what = f"{root}: {role}"
+    catalog_file = existing_catalog(root, role)
     own = catalogue_root / CATALOG_FILE
-    if own.exists() and os.path.samefile(root / CATALOG_FILE, own):
+    if own.exists() and os.path.samefile(catalog_file, own):
         raise StoreError(
             f"{what} is the catalogue itself: give an index of music the catalogue does not hold"
         )
-    catalog = Catalog(root / CATALOG_FILE, read_only=True)
+    catalog = Catalog(catalog_file, read_only=True)
     try:
         with catalog.snapshot() as snap:
             stored = snap.get_meta("identity") or {}

@@ -231,22 +231,20 @@ def test_client_sigkilled_three_times_then_rerun_is_exact(
 
     # A server of its own: the killed clients' requests still in flight complete (or are
     # cancelled) after the kill, which must not reach the session's server and its tests.
-    server = LocalTriton(serve_options(tiny_repo))
-    server.start()
-    index = tmp_path / "idx"
-    cmd = [
-        str(BIN / "indexer-client"),
-        "--server",
-        server.grpc_url,
-        "--input",
-        str(many_tracks),
-        "--index",
-        str(index),
-        *SLOW_CLIENT,
-    ]
-    rng = np.random.default_rng(3)
-    kills = 0
-    try:
+    with LocalTriton(serve_options(tiny_repo)) as server:
+        index = tmp_path / "idx"
+        cmd = [
+            str(BIN / "indexer-client"),
+            "--server",
+            server.grpc_url,
+            "--input",
+            str(many_tracks),
+            "--index",
+            str(index),
+            *SLOW_CLIENT,
+        ]
+        rng = np.random.default_rng(3)
+        kills = 0
         for target in sorted(rng.choice(np.arange(2, 20), size=3, replace=False)):
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if _wait_for_progress(proc, index, int(target)):
@@ -256,8 +254,6 @@ def test_client_sigkilled_three_times_then_rerun_is_exact(
             proc.wait()
         assert kills == 3
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    finally:
-        server.stop()
     assert done.returncode == 0, done.stderr
     assert window_set(index) == reference_windows  # no duplicates, no gaps
 
