@@ -224,6 +224,21 @@ SLOW_CLIENT = (
 )
 
 
+def slow_client(server_url: str, tracks: Path, index: Path, *extra: str) -> list[str]:
+    """An ``indexer-client`` command line that indexes ``tracks`` one window at a time."""
+    return [
+        str(BIN / "indexer-client"),
+        "--server",
+        server_url,
+        "--input",
+        str(tracks),
+        "--index",
+        str(index),
+        *SLOW_CLIENT,
+        *extra,
+    ]
+
+
 def test_client_sigkilled_three_times_then_rerun_is_exact(
     tiny_repo, many_tracks, reference_windows, tmp_path
 ):
@@ -233,16 +248,7 @@ def test_client_sigkilled_three_times_then_rerun_is_exact(
     # cancelled) after the kill, which must not reach the session's server and its tests.
     with LocalTriton(serve_options(tiny_repo)) as server:
         index = tmp_path / "idx"
-        cmd = [
-            str(BIN / "indexer-client"),
-            "--server",
-            server.grpc_url,
-            "--input",
-            str(many_tracks),
-            "--index",
-            str(index),
-            *SLOW_CLIENT,
-        ]
+        cmd = slow_client(server.grpc_url, many_tracks, index)
         rng = np.random.default_rng(3)
         kills = 0
         for target in sorted(rng.choice(np.arange(2, 20), size=3, replace=False)):
@@ -265,18 +271,7 @@ def test_server_killed_and_restarted_mid_run(tiny_repo, many_tracks, reference_w
     server = LocalTriton(options)
     server.start()
     index = tmp_path / "idx"
-    cmd = [
-        str(BIN / "indexer-client"),
-        "--server",
-        server.grpc_url,
-        "--input",
-        str(many_tracks),
-        "--index",
-        str(index),
-        *SLOW_CLIENT,
-        "--deadline",
-        "120",
-    ]
+    cmd = slow_client(server.grpc_url, many_tracks, index, "--deadline", "120")
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for_progress(client, index, 4)
@@ -325,18 +320,7 @@ def test_server_restarted_with_another_model_stops_the_run(
     server = LocalTriton(options)
     server.start()
     index = tmp_path / "idx"
-    cmd = [
-        str(BIN / "indexer-client"),
-        "--server",
-        server.grpc_url,
-        "--input",
-        str(many_tracks),
-        "--index",
-        str(index),
-        *SLOW_CLIENT,
-        "--deadline",
-        "120",
-    ]
+    cmd = slow_client(server.grpc_url, many_tracks, index, "--deadline", "120")
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for_progress(client, index, 4)
@@ -398,18 +382,7 @@ def test_server_never_back_fails_clearly_and_rerun_completes(
     server = LocalTriton(serve_options(tiny_repo))
     server.start()
     index = tmp_path / "idx"
-    cmd = [
-        str(BIN / "indexer-client"),
-        "--server",
-        server.grpc_url,
-        "--input",
-        str(many_tracks),
-        "--index",
-        str(index),
-        *SLOW_CLIENT,
-        "--deadline",
-        "5",
-    ]
+    cmd = slow_client(server.grpc_url, many_tracks, index, "--deadline", "5")
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_progress(client, index, 3)
     server.stop()
