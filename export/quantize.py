@@ -164,10 +164,18 @@ def feature_extractor_convs(model: Any) -> list[str]:
     return names
 
 
-class _WindowReader:
-    """Feeds calibration windows to ONNX Runtime's calibrator, a few at a time."""
+# Windows per calibration run. MinMax ranges do not depend on the batching (the same scales
+# and zero points, bit for bit), but ONNX Runtime's calibrator runs its session with graph
+# optimisations off, where a batch of 4 windows held more than twice the memory of one and
+# ran slower: the static build of MERT-330M peaked at 14.7 GB with 4 and 6.7 GB with 1 (169 s
+# and 154 s; 95M: 6.4 and 2.8 GB, 60 s and 56 s; benchmarks/results/export_times.md).
+CALIBRATION_BATCH = 1
 
-    def __init__(self, audio: np.ndarray, batch_size: int = 4) -> None:
+
+class _WindowReader:
+    """Feeds calibration windows to ONNX Runtime's calibrator, ``batch_size`` at a time."""
+
+    def __init__(self, audio: np.ndarray, batch_size: int) -> None:
         self._batches = [audio[i : i + batch_size] for i in range(0, len(audio), batch_size)]
         self._next = 0
 
@@ -189,12 +197,14 @@ def to_int8_static(
     recipe: Int8Recipe,
     *,
     calibration_cache: Path | None = None,
+    batch_size: int = CALIBRATION_BATCH,
 ) -> Path:
     """Calibrated QDQ model at ``out_path``.
 
     ``calibration`` is already in the model's input dtype. ``calibration_cache``
     (a JSON file, written on first use) lets several recipes share one
-    calibration pass over the same fp32 model and windows.
+    calibration pass over the same fp32 model and windows. ``batch_size``:
+    windows per calibration run (the ranges do not depend on it; the memory does).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -236,7 +246,7 @@ def to_int8_static(
             quantize_static(
                 str(prepared),
                 str(out_path),
-                Reader(calibration),
+                Reader(calibration, batch_size),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(STATIC_OP_TYPES),
                 per_channel=recipe.per_channel,

@@ -289,6 +289,35 @@ def test_int8_default_export_passes_the_gates(tmp_path: Path) -> None:
     assert_7_bit_weights(onnx.load(str(result.model_path)))
 
 
+def test_static_calibration_does_not_depend_on_the_batching(tmp_path: Path, fp32_repo) -> None:
+    """One window per calibration run (less memory) gives the model a batch of 4 gives."""
+    from onnx import numpy_helper
+
+    from export.quantize import CALIBRATION_BATCH, STATIC_CPU, to_int8_static
+
+    _, result = fp32_repo
+    calibration = audio_windows(8, seed=5)
+
+    def quantisation_parameters(batch_size: int) -> dict[str, np.ndarray]:
+        path = to_int8_static(
+            result.model_path,
+            tmp_path / f"batch{batch_size}.onnx",
+            calibration,
+            STATIC_CPU,
+            batch_size=batch_size,
+        )
+        return {
+            init.name: numpy_helper.to_array(init)
+            for init in onnx.load(str(path)).graph.initializer
+            if init.name.endswith(("_scale", "_zero_point"))
+        }
+
+    one, four = quantisation_parameters(CALIBRATION_BATCH), quantisation_parameters(4)
+    assert CALIBRATION_BATCH == 1 and one and one.keys() == four.keys()
+    for name, value in one.items():
+        np.testing.assert_array_equal(value, four[name], err_msg=name)
+
+
 def assert_7_bit_weights(model) -> None:
     """The CPU recipes' int8 weights stay in [-64, 64]: no int16 saturation without VNNI."""
     from onnx import numpy_helper
