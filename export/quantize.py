@@ -26,7 +26,7 @@ Three of them: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
   flattens the quiet parts of transient music (drums, gated noise) to a
   constant that the LayerNorms then amplify (measured, MERT-95M random init:
   cosine down to 0.57 and 74% neighbour agreement with it quantised; 0.996
-  and 98% without; issue 17, conv1..conv6 only, per tensor or per channel:
+  and 98% without; conv1..conv6 only, per tensor or per channel:
   cosine ~0.65, 34-44% agreement on real music, at 2.1-2.4x fp32 speed).
   ``feature_convs`` exists to measure that, layer by layer, not to ship it
   (``benchmarks/int8_layers.py``).

@@ -348,7 +348,7 @@ def test_segments_roll_over_and_tracks_stay_contiguous(tmp_path: Path) -> None:
         assert_no_gaps_no_duplicates(store)
 
 
-# -- issue 13: what a durable store must survive ------------------------------------------
+# -- what a durable store must survive ----------------------------------------------------
 
 
 class InterruptAfterCommit:
