@@ -5,7 +5,8 @@ The export's CPU recipe (``export/quantize.py``) quantises every MatMul and
 keeps the seven convs of the waveform feature extractor fp32; they are about
 half of its run time. This measures, in one run on one machine, each conv
 quantised on its own (conv1..conv6; conv0 feeds the GroupNorm over the whole
-window and stays fp32), all six together, the activation range taken from a
+window and stays fp32), all six together, all six as per-frame dynamic INT8
+(``export/per_frame.py``: one scale per frame), the activation range taken from a
 histogram percentile instead of min/max, calibration on real music instead
 of synthetic windows, and ONNX Runtime's graph optimisation levels. Every
 variant is:
@@ -77,6 +78,12 @@ def variants(recipe: Any, music: bool) -> list[Variant]:
     out = [Variant(RECIPE, recipe)]
     out.append(
         Variant("conv1..conv6", dataclasses.replace(recipe, feature_convs=(1, 2, 3, 4, 5, 6)))
+    )
+    out.append(
+        Variant(
+            "per-frame conv1..conv6",
+            dataclasses.replace(recipe, per_frame_convs=(1, 2, 3, 4, 5, 6)),
+        )
     )
     out += [
         Variant(f"conv{k}", dataclasses.replace(recipe, feature_convs=(k,))) for k in range(1, 7)

@@ -97,6 +97,9 @@ class Int8Recipe:
     feature_convs: tuple[int, ...] = ()
     # Activation ranges: None = MinMax; else the central ``percentile`` % of each histogram.
     percentile: float | None = None
+    # Feature-extractor convs (a run ending at conv6) as per-frame dynamic INT8
+    # (``per_frame.py``): one scale per frame, computed per call, instead of static QDQ.
+    per_frame_convs: tuple[int, ...] = ()
 
 
 STATIC_CPU = Int8Recipe(
@@ -229,6 +232,8 @@ def to_int8_static(
         import onnx
 
         feature_convs = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
+        if set(recipe.feature_convs) & set(recipe.per_frame_convs):
+            raise ExportError("a conv is either static or per-frame INT8, not both")
         keep_fp32 = [
             name
             for index, name in enumerate(feature_convs)
@@ -262,6 +267,12 @@ def to_int8_static(
             raise ExportError(
                 f"static INT8 quantisation failed: {type(exc).__name__}: {exc}"
             ) from exc
+    if recipe.per_frame_convs:
+        from export.per_frame import per_frame_convs
+
+        model = onnx.load(str(out_path))
+        per_frame_convs(model, recipe.per_frame_convs, feature_extractor_convs(model))
+        onnx.save(model, str(out_path))
     return out_path
 
 

@@ -318,6 +318,35 @@ def test_static_calibration_does_not_depend_on_the_batching(tmp_path: Path, fp32
         np.testing.assert_array_equal(value, four[name], err_msg=name)
 
 
+def test_per_frame_feature_convs_on_the_exported_graph(tmp_path: Path, fp32_repo) -> None:
+    """conv1..conv6 as per-frame dynamic INT8 on the real exported graph: it runs, stays close
+    to the static recipe, keeps 7-bit weights; a conv cannot be static and per-frame at once."""
+    import dataclasses
+
+    from export.quantize import STATIC_CPU, feature_extractor_convs, to_int8_static
+    from mert_indexer.errors import ExportError
+
+    _, result = fp32_repo
+    calibration = audio_windows(8, seed=5)
+    static = to_int8_static(result.model_path, tmp_path / "static.onnx", calibration, STATIC_CPU)
+    recipe = dataclasses.replace(STATIC_CPU, per_frame_convs=(1, 2, 3, 4, 5, 6))
+    path = to_int8_static(result.model_path, tmp_path / "per_frame.onnx", calibration, recipe)
+    model = onnx.load(str(path))
+    assert len(feature_extractor_convs(model)) == 1  # conv0 alone stays a Conv
+    assert (
+        sum(node.op_type == "MatMulInteger" for node in model.graph.node) == 4 * 3 + 2 * 2
+    )  # a GEMM per tap
+    assert_7_bit_weights(model)
+    audio = audio_windows(8, seed=11)
+    reference = ort_embed(result.model_path, audio)
+    static_cosines = validate.cosines(ort_embed(static, audio), reference)
+    per_frame_cosines = validate.cosines(ort_embed(path, audio), reference)
+    assert per_frame_cosines.min() > 0.99 and static_cosines.min() > 0.99
+    both = dataclasses.replace(recipe, feature_convs=(1,))
+    with pytest.raises(ExportError, match="either static or per-frame"):
+        to_int8_static(result.model_path, tmp_path / "both.onnx", calibration, both)
+
+
 def assert_7_bit_weights(model) -> None:
     """The CPU recipes' int8 weights stay in [-64, 64]: no int16 saturation without VNNI."""
     from onnx import numpy_helper
