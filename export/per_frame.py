@@ -17,7 +17,11 @@ per-output-channel scale, and the K products summed:
 Weights are 7-bit (as in the CPU recipe) so no CPU class saturates. The
 convs converted must be a run that ends at the last one: the layout moves to
 [batch, time, channels] once, before the first, and the Transpose the
-exported graph has after the last conv's GELU goes away.
+exported graph has after the last conv's GELU becomes an Identity.
+
+Measured, not shipped (``benchmarks/int8_layers.py``, variant "per-frame
+conv1..conv6"): faster than the fp32 convs on an AMX-INT8 Xeon, but
+the real-music neighbour agreement falls below the gate (docs/export.md).
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ Three of them: fp16, INT8 static QDQ, INT8 dynamic (MatMul only).
   and 98% without; conv1..conv6 only, per tensor or per channel:
   cosine ~0.65, 34-44% agreement on real music, at 2.1-2.4x fp32 speed).
   ``feature_convs`` exists to measure that, layer by layer, not to ship it
-  (``benchmarks/int8_layers.py``).
+  (``benchmarks/int8_layers.py``); so does ``per_frame_convs``, one scale per
+  frame (``per_frame.py``), which keeps the quiet frames and still loses
+  real-music neighbour agreement.
 - INT8 dynamic quantises the MatMul weights only: ONNX Runtime's dynamic
   kernels exist on CPU only, and dynamic Conv is slower than fp32 there
   (measured), so convolutions stay fp32. It needs no calibration and is the
