@@ -70,12 +70,11 @@ def per_frame_convs(model: Any, layers: tuple[int, ...], feature_convs: list[str
     frames = int(graph.input[0].type.tensor_type.shape.dim[1].dim_value)
     if frames <= 0:
         raise ExportError("per-frame INT8 convs need the model's window length in its input shape")
-    lengths = []  # frames into each feature conv
+    lengths = [frames]  # frames into each feature conv, then out of the last
     for name in feature_convs:
         node = by_name[name]
-        lengths.append(frames)
         kernel, stride = _attr(node, "kernel_shape", [1])[0], _attr(node, "strides", [1])[0]
-        frames = (frames - kernel) // stride + 1
+        lengths.append((lengths[-1] - kernel) // stride + 1)
 
     new_inits: list[Any] = []
     replaced: dict[str, list[Any]] = {}
@@ -105,8 +104,7 @@ def per_frame_convs(model: Any, layers: tuple[int, ...], feature_convs: list[str
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         _, c_in, kernel = weight.shape
         stride = int(_attr(node, "strides", [1])[0])
-        t_in = lengths[index]
-        t_out = (t_in - kernel) // stride + 1
+        t_in, t_out = lengths[index], lengths[index + 1]
         pairs = t_out + (kernel - 1) // stride  # groups of ``stride`` frames the taps need
         used = pairs * stride
         p = f"{node.name}_pf"

@@ -220,6 +220,9 @@ def to_int8_static(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if set(recipe.feature_convs) & set(recipe.per_frame_convs):
+        raise ExportError("a conv is either static or per-frame INT8, not both")
+
     class Reader(_WindowReader, CalibrationDataReader):
         pass
 
@@ -234,8 +237,6 @@ def to_int8_static(
         import onnx
 
         feature_convs = feature_extractor_convs(onnx.load(str(prepared), load_external_data=False))
-        if set(recipe.feature_convs) & set(recipe.per_frame_convs):
-            raise ExportError("a conv is either static or per-frame INT8, not both")
         keep_fp32 = [
             name
             for index, name in enumerate(feature_convs)
